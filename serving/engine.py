@@ -1,0 +1,116 @@
+"""The in-process vLLM engine: the one place that builds `vllm.LLM` and `SamplingParams`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from schemas.config import EngineConfig
+from serving.models import resolve_model
+from serving.protocols import Completion, Conversation, Message, Sampling
+from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
+
+GPU_KV_CACHE_FRACTION = 0.85
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """vLLM `LLM(...)` arguments that are right for this device.
+
+    On CPU the KV cache gets an explicit size (vLLM's fractional default counts against one NUMA node's
+    memory, minus what the process already holds, and fails on small nodes), and eager mode (graph
+    compilation costs ~70 s at start and buys little on CPU). On GPU a share of GPU memory.
+    """
+    gpu = on_gpu()
+    memory: dict[str, Any] = (
+        {"gpu_memory_utilization": config.kv_cache_fraction or GPU_KV_CACHE_FRACTION}
+        if gpu
+        else {"kv_cache_memory_bytes": int(config.cpu_kv_cache_gib * 2**30)}
+    )
+    eager = config.enforce_eager if config.enforce_eager is not None else not gpu
+    return dict(
+        model=resolve_model(config.model),
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        enforce_eager=eager,
+        **memory,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_num_seqs=config.max_num_seqs,
+        seed=config.seed,
+    )
+
+
+def sampling_params(sampling: Sampling):
+    """Our `Sampling` as vLLM `SamplingParams` (with JSON-schema structured output when asked)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = (
+        StructuredOutputsParams(json=sampling.json_schema, disable_any_whitespace=True)
+        if sampling.json_schema
+        else None
+    )
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        structured_outputs=structured,
+    )
+
+
+class VLLMEngine:
+    """A `LanguageModel` backed by one in-process `vllm.LLM`."""
+
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        from vllm import LLM
+
+        self.config = config
+        self.name = config.model
+        started = time.perf_counter()
+        self.llm = LLM(**engine_kwargs(config))
+        self.start_seconds = time.perf_counter() - started
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
+        if not conversations:
+            return []
+        outputs = self.llm.chat([list(c) for c in conversations], sampling_params(sampling), use_tqdm=False)
+        return [
+            [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in out.outputs]
+            for out in outputs
+        ]
+
+    def score(self, conversations: Sequence[Conversation], continuations: Sequence[Message]) -> list[list[float]]:
+        prompts = self.scoring_prompts(conversations, continuations)
+        return self.score_token_ids(prompts)
+
+    def scoring_prompts(
+        self, conversations: Sequence[Conversation], continuations: Sequence[Message]
+    ) -> list[ScoringPrompt]:
+        return scoring_prompts(hf_render(self.tokenizer), hf_tokenize(self.tokenizer), conversations, continuations)
+
+    def score_token_ids(self, prompts: Sequence[ScoringPrompt]) -> list[list[float]]:
+        """Log-probabilities of each prompt's continuation ids, read from vLLM's prompt logprobs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
+        return [_continuation_logprobs(p, out.prompt_logprobs) for p, out in zip(prompts, outputs)]
+
+
+def _continuation_logprobs(prompt: ScoringPrompt, prompt_logprobs: list[dict | None] | None) -> list[float]:
+    ids = prompt.token_ids
+    start = len(prompt.prefix_ids)
+    if start == 0:
+        raise ValueError("a continuation needs a non-empty prefix to be scored")
+    return [prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))]
