@@ -79,6 +79,10 @@ class VLLMEngine:
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
         if not conversations:
             return []

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 
-from schemas.config import file_lock, prefmill_home
+from schemas.config import config_hash, file_lock, prefmill_home
 from schemas.tables import conform
 
 LAKE = "lake"
@@ -40,6 +40,7 @@ class CatalogError(ValueError):
 class Version:
     dataset: str
     version: int
+    rows_added: int
     row_count: int
     created_at: datetime
     lineage: dict[str, Any]
@@ -106,9 +107,7 @@ class Catalog:
         validate_name(dataset)
         if schema is not None:
             table = conform(table, schema)
-        record = {**(lineage or {}), "dataset": dataset, "row_count": table.num_rows,
-                  "created_at": datetime.now(timezone.utc).isoformat(),
-                  "schema": _schema_tag(table.schema)}
+        record = lineage_record(dataset, table, lineage or {})
         with self.connect(write=True) as con:
             con.execute("BEGIN")
             try:
@@ -180,7 +179,7 @@ class Catalog:
 
     def _ensure_tables(self, con: duckdb.DuckDBPyConnection, dataset: str, schema: pa.Schema) -> None:
         con.execute(f"CREATE TABLE IF NOT EXISTS {LINEAGE_TABLE} "
-                    "(dataset VARCHAR, row_count BIGINT, created_at VARCHAR, lineage VARCHAR)")
+                    "(dataset VARCHAR, rows_added BIGINT, created_at VARCHAR, lineage VARCHAR)")
         columns = ", ".join(f'"{f.name}" {_sql_type(f.type)}' for f in schema)
         con.execute(f'CREATE TABLE IF NOT EXISTS "{dataset}" ({columns})')
 
@@ -190,10 +189,11 @@ class Catalog:
             "WHERE commit_message = ? ORDER BY snapshot_id", [f"publish {dataset}"]).fetchall()
         if not rows:
             raise CatalogError(f"no dataset named {dataset!r} in {self.root}")
-        versions = []
+        versions, total = [], 0
         for snapshot_id, info in rows:
             lineage = json.loads(info)
-            versions.append(Version(dataset, snapshot_id, lineage["row_count"],
+            total += lineage["rows_added"]
+            versions.append(Version(dataset, snapshot_id, lineage["rows_added"], total,
                                     datetime.fromisoformat(lineage["created_at"]), lineage))
         return versions
 
@@ -204,6 +204,16 @@ class Catalog:
         known = [v.version for v in self._versions(con, dataset)]
         if version is not None and version < known[0]:
             raise CatalogError(f"dataset {dataset!r} has no version {version}; versions: {known}")
+
+
+def lineage_record(dataset: str, table: pa.Table, lineage: dict[str, Any]) -> dict[str, Any]:
+    """What is stored with a version: the caller's lineage (run_id, config, models, parents, …) plus
+    the config hash, rows added, schema tag and creation time."""
+    record = {**lineage, "dataset": dataset, "rows_added": table.num_rows,
+              "created_at": datetime.now(timezone.utc).isoformat(), "schema": _schema_tag(table.schema)}
+    if "config" in lineage and "config_hash" not in lineage:
+        record["config_hash"] = config_hash(lineage["config"])
+    return record
 
 
 def refuse_unless_read_only(query: str) -> None:

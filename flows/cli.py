@@ -1,0 +1,165 @@
+"""The `prefmill` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas.config import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic preference data for LLM post-training.")
+console = Console()
+CatalogOption = typer.Option(None, "--catalog", envvar="PREFMILL_CATALOG", help="catalog folder (default: under PREFMILL_HOME)")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def models() -> None:
+    """List the known model specs and where the embedded default is materialized."""
+    from serving.models import known_models
+
+    table = Table("spec", "kind", "location", "ready")
+    for info in known_models():
+        table.add_row(info.spec, info.kind, info.location, "yes" if info.ready else "on first use")
+    table.add_row("<folder>", "any local Hugging Face model folder (has config.json)", "", "")
+    table.add_row("<org/name>", "a Hugging Face hub id (needs hub access or a warm HF cache)", "", "")
+    console.print(table)
+
+
+@app.command()
+def chat(
+    question: str,
+    model: str = typer.Option(DEFAULT_MODEL, help="model spec: see `prefmill models`"),
+    n: int = typer.Option(1, min=1, help="number of replies"),
+    max_tokens: int = typer.Option(128, min=1),
+    temperature: float = typer.Option(0.7, min=0.0),
+    seed: Optional[int] = typer.Option(None),
+    backend: str = typer.Option("engine", help="engine | ray | http"),
+    url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible server (backend http)"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address (backend ray)"),
+) -> None:
+    """Answer QUESTION with the real model (a smoke test of the serving stack)."""
+    from serving.factory import open_model
+    from serving.models import ModelSpecError
+    from serving.protocols import Sampling
+
+    try:
+        lm = open_model(model, backend=backend, url=url, address=address)
+    except (ModelSpecError, ValueError) as exc:
+        _fail(str(exc))
+    sampling = Sampling(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    for k, completion in enumerate(lm.chat([[{"role": "user", "content": question}]], sampling)[0], 1):
+        console.rule(f"reply {k} ({completion.num_tokens} tokens, {completion.finish_reason})")
+        console.print(completion.text)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, help="model spec: see `prefmill models`"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (vLLM's server, device-aware settings)."""
+    import os
+
+    from schemas.config import EngineConfig
+    from serving.server import server_command
+
+    cmd = server_command(EngineConfig(model=model), host=host, port=port)
+    console.print(" ".join(cmd))
+    os.execv(cmd[0], cmd)
+
+
+@app.command()
+def datasets(catalog: Optional[Path] = CatalogOption) -> None:
+    """List datasets with their latest version, row count and creation time."""
+    from storage.catalog import Catalog
+
+    table = Table("dataset", "versions", "latest", "rows", "created_at")
+    cat = Catalog(catalog)
+    if not cat.meta_path.exists():
+        console.print(f"no catalog yet at {cat.root}")
+        return
+    for latest in cat.datasets():
+        count = len(cat.versions(latest.dataset))
+        table.add_row(latest.dataset, str(count), str(latest.version), str(latest.row_count),
+                      latest.created_at.isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@app.command()
+def sql(
+    query: str,
+    format: str = typer.Option("table", "--format", help="table | csv | json | parquet"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout"),
+    catalog: Optional[Path] = CatalogOption,
+) -> None:
+    """Run a read-only SQL query over all datasets (`AT (VERSION => n)` for time travel)."""
+    from storage.catalog import Catalog, CatalogError
+
+    try:
+        result = Catalog(catalog).sql(query)
+    except CatalogError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # duckdb errors: show the message, not a traceback
+        _fail(f"{type(exc).__name__}: {exc}")
+    _emit(result, format, output)
+
+
+@app.command()
+def export(
+    dataset: str,
+    output: Path = typer.Option(..., "--output", "-o"),
+    format: str = typer.Option("parquet", "--format", help="parquet | jsonl"),
+    version: Optional[int] = typer.Option(None, "--version"),
+    catalog: Optional[Path] = CatalogOption,
+) -> None:
+    """Export one dataset version as Parquet or JSON Lines (loadable with `datasets.load_dataset`)."""
+    from storage.catalog import Catalog, CatalogError
+
+    try:
+        path = Catalog(catalog).export(dataset, output, format, version)
+    except CatalogError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path}")
+
+
+def _emit(result: pa.Table, fmt: str, output: Path | None) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if fmt == "table":
+        table = Table(*result.column_names)
+        for row in result.to_pylist():
+            table.add_row(*(_cell(v) for v in row.values()))
+        Console(file=open(output, "w") if output else sys.stdout, width=200).print(table)
+    elif fmt == "csv":
+        pacsv.write_csv(result, str(output) if output else sys.stdout.buffer)
+    elif fmt == "json":
+        text = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
+        output.write_text(text) if output else sys.stdout.write(text)
+    elif fmt == "parquet":
+        if not output:
+            _fail("--format parquet needs --output FILE")
+        pq.write_table(result, output)
+    else:
+        _fail(f"unknown format {fmt!r}: use table, csv, json or parquet")
+
+
+def _cell(value: object) -> str:
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+if __name__ == "__main__":
+    app()

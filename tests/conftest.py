@@ -1,0 +1,62 @@
+"""One vLLM engine and one Ray runtime per test session; everything else is per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFMILL_HOME", str(REPO / ".prefmill"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from serving.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def engine(model_path):
+    from serving.engine import VLLMEngine
+
+    engine = VLLMEngine()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def ray_pool(model_path, tmp_path_factory):
+    import ray
+
+    from schemas.config import PoolConfig
+    from serving.ray_pool import RayEnginePool
+
+    os.environ["PREFMILL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
+    pool = RayEnginePool(PoolConfig(num_actors=2))
+    yield pool
+    pool.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    """The same weights in transformers, float32, for hand computations."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from serving.embedder import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder()

@@ -1,0 +1,91 @@
+"""The real vLLM engine on the real embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from serving.protocols import Sampling
+
+QUESTION = [{"role": "user", "content": "Name three uses of copper."}]
+
+
+def test_n_samples_are_distinct(engine):
+    [replies] = engine.chat([QUESTION], Sampling(n=4, seed=11, max_tokens=32, temperature=1.0))
+    assert len(replies) == 4
+    assert len({r.text for r in replies}) >= 3
+    assert all(r.num_tokens > 0 and r.finish_reason in {"stop", "length"} for r in replies)
+
+
+def test_fixed_seed_reproduces_and_other_seed_differs(engine):
+    sampling = Sampling(n=2, seed=5, max_tokens=32, temperature=1.0)
+    first = engine.chat([QUESTION], sampling)
+    assert engine.chat([QUESTION], sampling) == first
+    other = engine.chat([QUESTION], Sampling(n=2, seed=6, max_tokens=32, temperature=1.0))
+    assert [c.text for c in other[0]] != [c.text for c in first[0]]
+
+
+def test_results_come_back_in_input_order(engine):
+    conversations = [[{"role": "user", "content": f"Repeat exactly: token{i}"}] for i in range(6)]
+    single = [engine.chat([c], Sampling(seed=1, max_tokens=12, temperature=0.0))[0] for c in conversations]
+    assert engine.chat(conversations, Sampling(seed=1, max_tokens=12, temperature=0.0)) == single
+
+
+def test_structured_output_follows_the_json_schema(engine):
+    schema = {"type": "object", "properties": {"claims": {"type": "array", "items": {"type": "string"}}},
+              "required": ["claims"], "additionalProperties": False}
+    [[reply]] = engine.chat([QUESTION], Sampling(seed=3, max_tokens=96, json_schema=schema))
+    if reply.finish_reason == "stop":
+        data = json.loads(reply.text)
+        assert set(data) == {"claims"} and all(isinstance(c, str) for c in data["claims"])
+    else:
+        assert reply.text.lstrip().startswith('{"claims":')
+
+
+def test_score_matches_a_hand_computation_with_transformers(engine, hf_model):
+    model, tokenizer = hf_model
+    conversation = [{"role": "user", "content": "What is the capital of France?"}]
+    continuation = {"role": "assistant", "content": "The capital of France is Paris."}
+    [logprobs] = engine.score([conversation], [continuation])
+
+    prefix = tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": ""}], tokenize=False)
+    prefix = prefix[: prefix.rindex("<|im_end|>")]
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    content_ids = tokenizer(continuation["content"], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prefix_ids + content_ids])
+    with torch.no_grad():
+        logits = model(ids).logits.log_softmax(-1)[0]
+    expected = [logits[len(prefix_ids) + k - 1, t].item() for k, t in enumerate(content_ids)]
+
+    assert len(logprobs) == len(content_ids)
+    diffs = [abs(a - b) for a, b in zip(logprobs, expected)]
+    # vLLM computes in bf16, the reference in float32: per-token agreement within bf16 noise
+    assert max(diffs) < 0.15, diffs
+    assert abs(sum(logprobs) - sum(expected)) < 0.25
+
+
+def test_score_of_a_likely_reply_beats_an_unlikely_one(engine):
+    conversation = [{"role": "user", "content": "What is the capital of France?"}]
+    good, bad = engine.score([conversation] * 2, [
+        {"role": "assistant", "content": "The capital of France is Paris."},
+        {"role": "assistant", "content": "Purple elephants compile the ocean."},
+    ])
+    assert sum(good) / len(good) > sum(bad) / len(bad)
+
+
+def test_empty_continuation_scores_to_no_tokens(engine):
+    assert engine.score([QUESTION], [{"role": "assistant", "content": ""}]) == [[]]
+
+
+def test_bad_model_spec_gives_a_clear_error(tmp_path):
+    from serving.models import ModelSpecError, resolve_model
+
+    with pytest.raises(ModelSpecError, match="neither an embedded model"):
+        resolve_model("no such model!")
+    with pytest.raises(ModelSpecError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelSpecError, match="neither an embedded model"):
+        resolve_model("./missing-folder")
+    assert resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"

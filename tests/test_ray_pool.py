@@ -1,0 +1,39 @@
+"""The Ray actor pool: real actors, each hosting a real engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.protocols import Sampling
+from serving.ray_pool import in_input_order, split_evenly
+
+pytestmark = pytest.mark.slow
+
+
+def test_pool_matches_the_in_process_engine_for_a_fixed_seed(ray_pool, engine):
+    conversations = [[{"role": "user", "content": f"Give one fact about the number {i}."}] for i in range(5)]
+    sampling = Sampling(n=2, seed=21, max_tokens=24, temperature=0.8)
+    expected = [engine.chat([c], sampling)[0] for c in conversations]
+    assert ray_pool.chat(conversations, sampling) == expected
+    assert len(ray_pool.actors) == 2
+
+
+def test_pool_scores_like_the_engine(ray_pool, engine):
+    conversations = [[{"role": "user", "content": "What is 2+2?"}]] * 3
+    continuations = [{"role": "assistant", "content": t} for t in ("4", "Four.", "It is four.")]
+    for got, want in zip(ray_pool.score(conversations, continuations), engine.score(conversations, continuations)):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_split_evenly_keeps_order_and_balance():
+    shards = split_evenly(list(range(7)), 3)
+    assert shards == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 3) == [[1], [], []]
+
+
+def test_results_out_of_order_are_reordered_and_gaps_raise():
+    assert in_input_order([(2, "c"), (0, "a"), (1, "b")], 3) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="missing results for inputs \\[1\\]"):
+        in_input_order([(0, "a"), (2, "c")], 3)
+    with pytest.raises(RuntimeError, match="duplicated result for input 0"):
+        in_input_order([(0, "a"), (0, "a"), (1, "b")], 2)
