@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 PREFMILL = str(Path(sys.executable).with_name("prefmill"))
@@ -36,3 +38,32 @@ def test_chat_with_a_bad_model_spec_fails_clearly():
     result = run("chat", "hi", "--model", "./no-such-folder", check=False)
     assert result.returncode == 2
     assert "neither an embedded model" in result.stdout
+
+
+def test_sql_datasets_and_export_commands(tmp_path):
+    from tests.test_storage import pairs
+    from storage.catalog import Catalog
+
+    catalog = tmp_path / "catalog"
+    v1 = Catalog(catalog).publish(pairs(2), "pairs", {"run_id": "cli"})
+    Catalog(catalog).publish(pairs(1, offset=5), "pairs")
+    listing = run("datasets", "--catalog", str(catalog)).stdout
+    assert "pairs" in listing and "3" in listing
+
+    as_json = run("sql", f"SELECT pair_id FROM pairs AT (VERSION => {v1.version}) ORDER BY 1", "--format", "json",
+                  "--catalog", str(catalog)).stdout
+    assert [json.loads(line)["pair_id"] for line in as_json.splitlines()] == ["p0", "p1"]
+    csv = run("sql", "SELECT count(*) AS n FROM pairs", "--format", "csv", "--catalog", str(catalog)).stdout
+    assert csv.split() == ['"n"', "3"]
+    out = tmp_path / "pairs.parquet"
+    run("sql", "SELECT * FROM pairs", "--format", "parquet", "--output", str(out), "--catalog", str(catalog))
+    assert pq.read_table(out).num_rows == 3
+
+    refused = run("sql", "DROP TABLE pairs", "--catalog", str(catalog), check=False)
+    assert refused.returncode == 2 and "read-only" in refused.stdout
+    bad = run("sql", "SELECT nope FROM pairs", "--catalog", str(catalog), check=False)
+    assert bad.returncode == 2 and "nope" in bad.stdout
+
+    exported = tmp_path / "export.jsonl"
+    run("export", "pairs", "--format", "jsonl", "--output", str(exported), "--catalog", str(catalog))
+    assert len(exported.read_text().splitlines()) == 3
