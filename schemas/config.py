@@ -37,10 +37,11 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    dtype: str | None = Field(default=None, description="None: float32 on CPU (no bf16 units here), bfloat16 on GPU")
     max_model_len: int = 4096
     kv_cache_fraction: float | None = Field(default=None, description="share of GPU memory the engine may take")
     cpu_kv_cache_gib: float = Field(default=1.0, description="KV-cache size on CPU, in GiB")
+    cpu_cores: str | None = Field(default=None, description="cores the CPU engine binds, e.g. '0-1'; None: all")
     enforce_eager: bool | None = Field(default=None, description="skip graph compilation; True on CPU")
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Sequence
 
@@ -22,9 +23,10 @@ def on_gpu() -> bool:
 def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     """vLLM `LLM(...)` arguments that are right for this device.
 
-    On CPU the KV cache gets an explicit size (vLLM's fractional default counts against one NUMA node's
-    memory, minus what the process already holds, and fails on small nodes), and eager mode (graph
-    compilation costs ~70 s at start and buys little on CPU). On GPU a share of GPU memory.
+    On CPU: float32 (measured 78 vs 51 tok/s for bf16 on AVX-512 cores without bf16 units); an explicit
+    KV-cache size (vLLM's fractional default counts against one NUMA node's memory, minus what the process
+    already holds, and fails on small nodes); eager mode (graph compilation costs ~70 s at start and buys
+    little on CPU). On GPU: bf16 and a share of GPU memory.
     """
     gpu = on_gpu()
     memory: dict[str, Any] = (
@@ -35,7 +37,7 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     eager = config.enforce_eager if config.enforce_eager is not None else not gpu
     return dict(
         model=resolve_model(config.model),
-        dtype=config.dtype,
+        dtype=config.dtype or ("bfloat16" if gpu else "float32"),
         max_model_len=config.max_model_len,
         enforce_eager=eager,
         **memory,
@@ -43,6 +45,15 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         max_num_seqs=config.max_num_seqs,
         seed=config.seed,
     )
+
+
+def cpu_cores() -> str:
+    """All cores this process may use, in vLLM's bind syntax ("0-1" or "0,2,5").
+
+    vLLM's "auto" binding keeps one core back for the frontend; on a 2-core machine that halves decode
+    speed (measured 78 → 126 tok/s binding both cores).
+    """
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
 def sampling_params(sampling: Sampling):
@@ -75,7 +86,10 @@ class VLLMEngine:
         self.config = config
         self.name = config.model
         started = time.perf_counter()
-        self.llm = LLM(**engine_kwargs(config))
+        kwargs = engine_kwargs(config)
+        if not on_gpu():
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores or cpu_cores()
+        self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from schemas.config import PoolConfig, prefmill_home
+from schemas.config import EngineConfig, PoolConfig, prefmill_home
 from serving.protocols import Completion, Conversation, Message, Sampling
 
 _RAY_ENV = {
@@ -69,7 +69,7 @@ class RayEnginePool:
         self.config = config
         self.name = config.engine.model
         actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(_EngineActor)
-        self.actors = [actor_class.remote(config.engine) for _ in range(config.num_actors)]
+        self.actors = [actor_class.remote(_actor_engine_config(config, k)) for k in range(config.num_actors)]
         self.start_seconds = ray.get([a.ready.remote() for a in self.actors])
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
@@ -90,6 +90,15 @@ class RayEnginePool:
         shards = split_evenly(list(enumerate(items)), len(self.actors))
         refs = [call(actor, shard) for actor, shard in zip(self.actors, shards) if shard]
         return in_input_order([pair for part in ray.get(refs) for pair in part], len(items))
+
+
+def _actor_engine_config(config: PoolConfig, index: int) -> EngineConfig:
+    """On a local CPU runtime, give each actor its own cores so engines do not fight over one."""
+    if config.address or config.gpus_per_actor or config.engine.cpu_cores:
+        return config.engine
+    cores = sorted(os.sched_getaffinity(0))
+    mine = split_evenly(cores, config.num_actors)[index] or cores
+    return config.engine.model_copy(update={"cpu_cores": ",".join(map(str, mine))})
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

@@ -61,9 +61,9 @@ def test_score_matches_a_hand_computation_with_transformers(engine, hf_model):
 
     assert len(logprobs) == len(content_ids)
     diffs = [abs(a - b) for a, b in zip(logprobs, expected)]
-    # vLLM computes in bf16, the reference in float32: per-token agreement within bf16 noise
-    assert max(diffs) < 0.15, diffs
-    assert abs(sum(logprobs) - sum(expected)) < 0.25
+    # both compute in float32 on CPU (different kernels): per-token agreement to rounding noise
+    assert max(diffs) < 0.02, diffs
+    assert abs(sum(logprobs) - sum(expected)) < 0.05
 
 
 def test_score_of_a_likely_reply_beats_an_unlikely_one(engine):

@@ -1,0 +1,62 @@
+"""Candidate replies: for each context (a conversation prefix ending in a user turn) sample n replies.
+
+Sample k of a context uses seed `seed + k` (vLLM gives each of the n samples of a seeded request its
+own seed this way), recorded per row. Replies identical to an earlier sample of the same context
+(after whitespace and case folding) are flagged `is_duplicate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from operators.ids import stable_id
+from schemas.tables import CANDIDATES
+from serving.protocols import LanguageModel, Sampling
+
+
+def contexts(conversations: pa.Table, which: str = "all") -> list[dict]:
+    """Context rows from conversations: every prefix ending in a user turn (`all`) or only the last."""
+    if which not in {"all", "last"}:
+        raise ValueError(f"contexts must be 'all' or 'last', got {which!r}")
+    out = []
+    for conv in conversations.to_pylist():
+        ends = [k for k, m in enumerate(conv["messages"]) if m["role"] == "user"]
+        for end in ends if which == "all" else ends[-1:]:
+            prefix = conv["messages"][: end + 1]
+            out.append({"context_id": stable_id("ctx", conv["conversation_id"], end),
+                        "conversation_id": conv["conversation_id"], "seed_id": conv["seed_id"], "context": prefix})
+    return out
+
+
+@dataclass(frozen=True)
+class CandidateSampler:
+    n: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 192
+    seed: int = 0
+
+    def __call__(self, context_rows: list[dict], lm: LanguageModel) -> pa.Table:
+        """n candidate replies per context, as a `candidates` table."""
+        sampling = Sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                            seed=self.seed)
+        replies = lm.chat([row["context"] for row in context_rows], sampling)
+        rows = []
+        for ctx, samples in zip(context_rows, replies, strict=True):
+            seen: set[str] = set()
+            for k, reply in enumerate(samples):
+                key = " ".join(reply.text.split()).casefold()
+                rows.append(self._row(ctx, k, reply, key in seen, lm.name))
+                seen.add(key)
+        return pa.Table.from_pylist(rows, schema=CANDIDATES)
+
+    def _row(self, ctx: dict, k: int, reply, duplicate: bool, model: str) -> dict:
+        return {
+            "candidate_id": stable_id("cand", ctx["context_id"], self.seed, k, model),
+            "context_id": ctx["context_id"], "conversation_id": ctx["conversation_id"], "seed_id": ctx["seed_id"],
+            "context": ctx["context"], "reply": reply.text, "sample_index": k, "sampling_seed": self.seed + k,
+            "num_tokens": reply.num_tokens, "finish_reason": reply.finish_reason, "is_duplicate": duplicate,
+            "model": model,
+        }

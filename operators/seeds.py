@@ -1,0 +1,164 @@
+"""Seeds: questions (or topics) with an optional persona, source documents and reference answer.
+
+`load_seeds` reads JSONL, CSV or Parquet. A bad row is quarantined with its file, line and reason and
+the rest goes on; a file with no usable row is an error. Seed ids hash the content, so the same seed
+gets the same id in every run (what resume and lineage key on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from operators.ids import stable_id
+from schemas.tables import QUARANTINE, SEEDS
+
+BUILTIN_SEEDS = Path(__file__).with_name("data") / "builtin_seeds.jsonl"
+MAX_TEXT_CHARS = 20_000
+TEXT_FIELDS = ("question", "persona", "reference_answer", "domain")
+
+
+class SeedFileError(ValueError):
+    """A seed file that cannot be read or has no usable row."""
+
+
+@dataclass(frozen=True)
+class SeedLoad:
+    seeds: pa.Table
+    quarantine: pa.Table
+
+
+def load_seeds(path: Path | str = BUILTIN_SEEDS, max_text_chars: int = MAX_TEXT_CHARS) -> SeedLoad:
+    """Read seeds from `path` (.jsonl/.json, .csv, .parquet); bad rows go to the quarantine table."""
+    path = Path(path)
+    if not path.exists():
+        raise SeedFileError(f"{path}: no such seed file")
+    good, bad = [], []
+    for line, raw, problem in _records(path):
+        where = f"{path}:{line}"
+        row, problem = (None, problem) if problem else _seed_row(raw, where, max_text_chars)
+        if problem:
+            bad.append({"stage": "seeds", "source": where, "reason": problem, "row": _as_text(raw)})
+        else:
+            good.append(row)
+    if not good:
+        reasons = "; ".join(f"{b['source']}: {b['reason']}" for b in bad[:5])
+        raise SeedFileError(f"{path}: no usable seed row ({len(bad)} bad{': ' + reasons if reasons else ''})")
+    return SeedLoad(pa.Table.from_pylist(good, schema=SEEDS), pa.Table.from_pylist(bad, schema=QUARANTINE))
+
+
+def seed_id(question: str, persona: str | None, documents: list[str]) -> str:
+    return stable_id("seed", question, persona, documents)
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, raw record, problem) for each row; line numbers are 1-based file lines."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for k, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield k, row, None
+        return
+    if suffix not in {".jsonl", ".json", ".csv"}:
+        raise SeedFileError(f"{path}: unknown seed format {suffix!r}; use .jsonl, .csv or .parquet")
+    data = path.read_bytes()
+    if suffix == ".csv":
+        yield from _csv_records(data)
+    else:
+        yield from _jsonl_records(data)
+
+
+def _jsonl_records(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    for k, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield k, raw, f"bad encoding: not UTF-8 ({exc.reason} at byte {exc.start})"
+            continue
+        try:
+            yield k, json.loads(text), None
+        except json.JSONDecodeError as exc:
+            yield k, text, f"bad JSON at column {exc.colno}: {exc.msg}"
+
+
+def _csv_records(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        yield line, data.split(b"\n")[line - 1], f"bad encoding: not UTF-8 ({exc.reason})"
+        text = data.decode("utf-8-sig", errors="replace")
+    reader = csv.DictReader(io.StringIO(text))
+    for row in reader:
+        if "\ufffd" in "".join(str(v) for v in row.values()):
+            continue  # the undecodable line was quarantined above
+        yield reader.line_num, row, None
+
+
+def _seed_row(raw: Any, where: str, max_chars: int) -> tuple[dict | None, str | None]:
+    if not isinstance(raw, dict):
+        return None, f"wrong type: a seed row must be an object, got {type(raw).__name__}"
+    question = raw.get("question") or raw.get("topic")
+    if question is None:
+        return None, "missing field 'question' (or 'topic')"
+    fields = {"question": question, **{f: raw.get(f) for f in TEXT_FIELDS[1:]}}
+    for name, value in fields.items():
+        problem = _text_problem(name, value, max_chars, required=name == "question")
+        if problem:
+            return None, problem
+    documents, problem = _documents(raw.get("documents"), max_chars)
+    if problem:
+        return None, problem
+    fields = {k: (v.strip() if isinstance(v, str) and v.strip() else None) for k, v in fields.items()}
+    return {"seed_id": seed_id(fields["question"], fields["persona"], documents), **fields,
+            "documents": documents, "source": where}, None
+
+
+def _text_problem(name: str, value: Any, max_chars: int, required: bool) -> str | None:
+    if value is None or (not required and value == ""):
+        return None
+    if not isinstance(value, str):
+        return f"wrong type for field '{name}': expected text, got {type(value).__name__}"
+    if required and not value.strip():
+        return f"empty field '{name}'"
+    if len(value) > max_chars:
+        return f"field '{name}' is too long ({len(value)} > {max_chars} characters)"
+    return None
+
+
+def _documents(value: Any, max_chars: int) -> tuple[list[str], str | None]:
+    if value is None or value == "":
+        return [], None
+    if isinstance(value, str):
+        value = _maybe_json_list(value)
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        return [], "wrong type for field 'documents': expected a list of texts"
+    for d in value:
+        if len(d) > max_chars:
+            return [], f"field 'documents' has a document that is too long ({len(d)} > {max_chars} characters)"
+    return [d.strip() for d in value if d.strip()], None
+
+
+def _maybe_json_list(text: str) -> list[str] | str:
+    """CSV cells hold documents as a JSON list or as one plain text."""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return [text]
+
+
+def _as_text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", errors="backslashreplace")
+    return raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)

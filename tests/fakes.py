@@ -1,0 +1,36 @@
+"""A scripted LanguageModel for unit tests of prompt building and parsing (never the only test)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from serving.protocols import Completion, Conversation, Message, Sampling
+
+Script = Callable[[Conversation, Sampling, int], str]
+
+
+class ScriptedLM:
+    """Answers with `script(conversation, sampling, sample_index)`; one token per word."""
+
+    def __init__(self, script: Script, name: str = "scripted"):
+        self.script = script
+        self.name = name
+        self.calls: list[tuple[int, Sampling]] = []
+
+    def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
+        self.calls.append((len(conversations), sampling))
+        out = []
+        for conv in conversations:
+            texts = [self.script(conv, sampling, k) for k in range(sampling.n)]
+            out.append([self._completion(t, sampling.max_tokens) for t in texts])
+        return out
+
+    def score(self, conversations: Sequence[Conversation], continuations: Sequence[Message]) -> list[list[float]]:
+        return [[-1.0] * len(c["content"].split()) for c in continuations]
+
+    @staticmethod
+    def _completion(text: str, max_tokens: int) -> Completion:
+        words = text.split()
+        if len(words) > max_tokens:
+            return Completion(" ".join(words[:max_tokens]), max_tokens, "length")
+        return Completion(text, len(words), "stop")

@@ -1,0 +1,74 @@
+"""Self-chat and candidates on the real engine and the real embedded model."""
+
+from __future__ import annotations
+
+import pytest
+
+from operators.candidates import CandidateSampler, contexts
+from operators.seeds import load_seeds
+from operators.selfchat import SelfChat
+from schemas.tables import CANDIDATES, CONVERSATIONS
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    return load_seeds().seeds.to_pylist()[:4]
+
+
+@pytest.fixture(scope="module")
+def selfchat():
+    return SelfChat(max_turns=2, token_budget=160, max_tokens_per_turn=48, simulator_max_tokens=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def conversations(engine, seeds, selfchat):
+    return selfchat(seeds, engine)
+
+
+def test_conversations_alternate_and_respect_limits(conversations, seeds):
+    assert conversations.schema == CONVERSATIONS
+    rows = conversations.to_pylist()
+    assert [r["seed_id"] for r in rows] == [s["seed_id"] for s in seeds]
+    for row, seed in zip(rows, seeds):
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "user" and row["messages"][0]["content"] == seed["question"]
+        assert all(a != b for a, b in zip(roles, roles[1:])), roles
+        assert roles[-1] == "assistant"
+        assert 1 <= row["num_turns"] <= 2 and row["num_tokens"] <= 160
+        assert row["ended_by"] in {"max_turns", "token_budget", "user_ended"}
+        assert all(m["content"].strip() for m in row["messages"])
+
+
+def test_the_justification_never_leaks_into_a_user_turn(conversations):
+    for row in conversations.to_pylist():
+        for m in row["messages"][1:]:
+            if m["role"] == "user":
+                assert "thought:" not in m["content"].lower()
+                assert not m["content"].lower().startswith("user:")
+
+
+def test_a_fixed_seed_reproduces_the_conversations(engine, seeds, selfchat, conversations):
+    assert selfchat(seeds, engine).to_pylist() == conversations.to_pylist()
+
+
+def test_a_tight_budget_ends_conversations_by_budget(engine, seeds):
+    table = SelfChat(max_turns=4, token_budget=40, max_tokens_per_turn=32, seed=1)(seeds[:2], engine)
+    for row in table.to_pylist():
+        assert row["num_tokens"] <= 40
+        assert row["ended_by"] in {"token_budget", "user_ended"}
+
+
+def test_candidates_have_distinct_seeds_and_trace_to_seeds(engine, conversations):
+    rows = contexts(conversations, "last")
+    table = CandidateSampler(n=3, max_tokens=32, seed=5)(rows, engine)
+    assert table.schema == CANDIDATES and table.num_rows == 3 * len(rows)
+    by_context: dict[str, list[dict]] = {}
+    for r in table.to_pylist():
+        by_context.setdefault(r["context_id"], []).append(r)
+    seed_ids = set(conversations.column("seed_id").to_pylist())
+    for group in by_context.values():
+        assert [r["sampling_seed"] for r in group] == [5, 6, 7]
+        assert group[0]["seed_id"] in seed_ids
+        texts = [" ".join(r["reply"].split()).casefold() for r in group]
+        assert [r["is_duplicate"] for r in group] == [t in texts[:k] for k, t in enumerate(texts)]
+    assert sum(not r["is_duplicate"] for r in table.to_pylist()) > len(rows)
