@@ -26,13 +26,14 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     On CPU: float32 (measured 78 vs 51 tok/s for bf16 on AVX-512 cores without bf16 units); an explicit
     KV-cache size (vLLM's fractional default counts against one NUMA node's memory, minus what the process
     already holds, and fails on small nodes); eager mode (graph compilation costs ~70 s at start and buys
-    little on CPU). On GPU: bf16 and a share of GPU memory.
+    little on CPU); no chunked prefill (vLLM 0.32 on CPU crashes the engine with "CPU Generator does not use
+    offset" when a seeded request's prompt is split across steps). On GPU: bf16 and a share of GPU memory.
     """
     gpu = on_gpu()
     memory: dict[str, Any] = (
         {"gpu_memory_utilization": config.kv_cache_fraction or GPU_KV_CACHE_FRACTION}
         if gpu
-        else {"kv_cache_memory_bytes": int(config.cpu_kv_cache_gib * 2**30)}
+        else {"kv_cache_memory_bytes": int(config.cpu_kv_cache_gib * 2**30), "enable_chunked_prefill": False}
     )
     eager = config.enforce_eager if config.enforce_eager is not None else not gpu
     return dict(

@@ -52,6 +52,26 @@ class LanguageModel(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ScoredPrefix:
+    """Per-token log-probabilities of each continuation after one prefix, and how many prefix tokens
+    were cut from the left to fit the model's context."""
+
+    logprobs: list[list[float]]
+    truncated_tokens: int = 0
+
+
+class ContinuationScorer(Protocol):
+    """Scores the same continuations after many prefixes (what follow-up likelihood rewards need)."""
+
+    name: str
+
+    def score_continuations(self, prefixes: Sequence[Conversation], continuations: Sequence[Message],
+                            max_tokens: int | None = None) -> list[ScoredPrefix]:
+        """For each prefix, the logprobs of every continuation appended as the next turn."""
+        ...
+
+
 class Embedder(Protocol):
     name: str
 

@@ -29,6 +29,14 @@ class ScoringPrompt:
         return self.prefix_ids + self.continuation_ids
 
 
+def truncate_left(prefix_ids: list[int], longest_continuation: int, max_tokens: int | None) -> tuple[list[int], int]:
+    """Cut tokens from the left of a prefix so prefix + the longest continuation fit in `max_tokens`."""
+    if max_tokens is None or len(prefix_ids) + longest_continuation <= max_tokens:
+        return prefix_ids, 0
+    keep = max(max_tokens - longest_continuation, 1)
+    return prefix_ids[-keep:], len(prefix_ids) - keep
+
+
 def continuation_prefix(render: RenderChat, conversation: Conversation, role: str) -> str:
     """The rendered chat up to where the content of the next `role` turn begins."""
     text = render([*conversation, Message(role=role, content=_SENTINEL)])

@@ -89,3 +89,11 @@ def test_bad_model_spec_gives_a_clear_error(tmp_path):
     with pytest.raises(ModelSpecError, match="neither an embedded model"):
         resolve_model("./missing-folder")
     assert resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+
+
+def test_a_large_seeded_batch_of_long_prompts_does_not_kill_the_engine(engine):
+    """Regression: with chunked prefill, vLLM 0.32 on CPU died with 'CPU Generator does not use offset'."""
+    long = "Summarise this: " + "word " * 700
+    replies = engine.chat([[{"role": "user", "content": long + str(i)}] for i in range(24)],
+                          Sampling(n=2, seed=3, max_tokens=4))
+    assert [len(r) for r in replies] == [2] * 24
