@@ -25,6 +25,22 @@ def _fail(message: str) -> None:
 
 
 @app.command()
+def demo(
+    seeds: Optional[Path] = typer.Option(None, help="seed file (.jsonl/.csv/.parquet); default: the built-in set"),
+    num_seeds: int = typer.Option(8, "--num-seeds", min=1, help="how many seeds to run"),
+    catalog: Optional[Path] = CatalogOption,
+) -> None:
+    """Run the pipeline on the embedded model and publish every stage as a dataset version."""
+    from flows.demo import run_demo
+    from operators.seeds import BUILTIN_SEEDS, SeedFileError
+
+    try:
+        run_demo(seeds or BUILTIN_SEEDS, num_seeds, catalog, console)
+    except SeedFileError as exc:
+        _fail(str(exc))
+
+
+@app.command()
 def models() -> None:
     """List the known model specs and where the embedded default is materialized."""
     from serving.models import known_models
