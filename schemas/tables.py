@@ -23,6 +23,8 @@ CLAIM = pa.struct(
         ("critique", pa.string()),
         ("evidence", pa.string()),
         ("action", pa.string()),
+        ("raw_output", pa.string()),
+        ("error", pa.string()),
     ]
 )
 CRITIQUE_ROUND = pa.struct(
@@ -110,6 +112,7 @@ CRITIQUES = _schema(
         ("initial_score", pa.float64()),
         ("final_score", pa.float64()),
         ("num_parse_failures", pa.int32()),
+        ("num_calls", pa.int32()),
         ("critic_model", pa.string()),
     ],
 )

@@ -106,7 +106,7 @@ def test_empty_and_very_long_replies_are_handled_and_truncation_recorded(shared_
     flr = FollowUpReward(FOLLOWUPS, max_tokens=256)
     shared = flr(cands, shared_scorer).to_pylist()
     naive = flr(cands, naive_scorer).to_pylist()
-    assert shared[0]["truncated_tokens"] == 0 and shared[1]["truncated_tokens"] > 2000
+    assert shared[0]["truncated_tokens"] == 0 and shared[1]["truncated_tokens"] > 1500
     assert [r["truncated_tokens"] for r in naive] == [r["truncated_tokens"] for r in shared]
     for s, n in zip(shared, naive):
         assert s["reward"] == pytest.approx(n["reward"], abs=1e-3)

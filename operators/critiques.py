@@ -1,0 +1,265 @@
+"""FenCE-style claim-level critiques, revision and factuality scores (FenCE, 2024).
+
+Each round, for every response at once: split it into claims (JSON-schema structured output); judge each
+claim against evidence (the seed's source documents plus passages retrieved from a local collection) with
+a written critique and a label (supported / contradicted / unverifiable); score = weighted share of the
+claims. Then revise: contradicted claims are fixed using their critique; for unverifiable ones the
+generator is asked, without evidence, whether the claim is true, and the claim is deleted when it answers
+"unknown". The revised response is judged again in the next round, up to `rounds` revisions. A model
+output that does not parse never fails the batch: the field is null, the raw output and the reason are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from operators.retrieval import DocumentIndex, tokens
+from schemas.tables import CRITIQUES
+from serving.protocols import Conversation, LanguageModel, Message, Sampling
+
+VERDICTS = ("supported", "contradicted", "unverifiable")
+CLAIMS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["claims"],
+                 "properties": {"claims": {"type": "array", "maxItems": 8, "items": {"type": "string"}}}}
+VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["critique", "verdict"],
+                  "properties": {"critique": {"type": "string"}, "verdict": {"enum": list(VERDICTS)}}}
+KNOWS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer"],
+                "properties": {"answer": {"enum": ["true", "false", "unknown"]}}}
+
+
+@dataclass(frozen=True)
+class Parsed:
+    value: Any
+    error: str | None
+    raw: str
+
+
+def claims_prompt(question: str, response: str) -> Conversation:
+    return [Message(role="system", content="Split the response into short, self-contained factual claims. "
+                                           'Answer with JSON: {"claims": ["...", ...]}.'),
+            Message(role="user", content=f"Question: {question}\n\nResponse: {response}")]
+
+
+def verdict_prompt(claim: str, evidence: list[str]) -> Conversation:
+    sources = "\n".join(f"[{k + 1}] {e}" for k, e in enumerate(evidence)) or "(no evidence found)"
+    return [Message(role="system", content="You check one claim against the evidence. Write a short critique "
+                                           "quoting the evidence, then a verdict: supported (the evidence says "
+                                           "so), contradicted (the evidence says otherwise) or unverifiable. "
+                                           'Answer with JSON: {"critique": "...", "verdict": "..."}.'),
+            Message(role="user", content=f"Evidence:\n{sources}\n\nClaim: {claim}")]
+
+
+def knows_prompt(claim: str) -> Conversation:
+    return [Message(role="system", content="Without looking anything up, is this claim true? Answer 'unknown' "
+                                           'unless you are sure. Answer with JSON: {"answer": "true|false|unknown"}.'),
+            Message(role="user", content=claim)]
+
+
+def revise_prompt(question: str, response: str, fixes: list[tuple[str, str]], removals: list[str]) -> Conversation:
+    lines = [f"- Fix: \"{c}\" Critique: {k}" for c, k in fixes] + [f"- Remove: \"{c}\"" for c in removals]
+    return [Message(role="system", content="Revise the response. Apply every listed change, keep everything "
+                                           "else as it is, and answer with the revised response only."),
+            Message(role="user", content=f"Question: {question}\n\nResponse: {response}\n\nChanges:\n"
+                                         + "\n".join(lines))]
+
+
+def parse_json(raw: str, key: str, check) -> Parsed:
+    """The `key` field of a JSON object in `raw` when `check(value)` holds; else null with the reason."""
+    text = raw.strip()
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    try:
+        data = json.loads(match.group(0) if match else text)
+    except json.JSONDecodeError as exc:
+        return Parsed(None, f"malformed JSON: {exc.msg} at column {exc.colno}", raw)
+    if not isinstance(data, dict) or key not in data:
+        return Parsed(None, f"JSON has no '{key}' field", raw)
+    if not check(data[key]):
+        return Parsed(None, f"bad value for '{key}': {str(data[key])[:80]!r}", raw)
+    return Parsed(data, None, raw)
+
+
+def parse_claims(raw: str) -> Parsed:
+    parsed = parse_json(raw, "claims", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v))
+    if parsed.error:
+        return parsed
+    claims = list(dict.fromkeys(c.strip() for c in parsed.value["claims"] if c.strip()))
+    return Parsed(claims, None, raw)
+
+
+def parse_verdict(raw: str) -> Parsed:
+    parsed = parse_json(raw, "verdict", lambda v: v in VERDICTS)
+    if parsed.error:
+        return parsed
+    return Parsed((parsed.value["verdict"], str(parsed.value.get("critique", "")).strip()), None, raw)
+
+
+def parse_knows(raw: str) -> Parsed:
+    parsed = parse_json(raw, "answer", lambda v: v in ("true", "false", "unknown"))
+    return parsed if parsed.error else Parsed(parsed.value["answer"], None, raw)
+
+
+def remove_verbatim(response: str, claim: str) -> str:
+    """Drop the sentence holding `claim` when the claim appears word for word (the fallback of edit-or-remove)."""
+    if claim not in response:
+        return response
+    sentences = _sentences(response)
+    return " ".join(s for s in sentences if claim not in s).strip() or response.replace(claim, "").strip()
+
+
+def remove_closest_sentence(response: str, claim: str) -> str:
+    """Drop the sentence sharing the most words with `claim` (when a requested edit changed nothing)."""
+    words = set(tokens(claim))
+    sentences = _sentences(response)
+    overlaps = [len(words & set(tokens(s))) for s in sentences]
+    if not overlaps or max(overlaps) == 0:
+        return response
+    drop = overlaps.index(max(overlaps))
+    return " ".join(s for k, s in enumerate(sentences) if k != drop).strip()
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+@dataclass(frozen=True)
+class ClaimCritic:
+    """`__call__(candidates, lm, documents_by_seed, index)` → a `critiques` table."""
+
+    rounds: int = 2
+    weights: dict[str, float] = field(default_factory=lambda: {"supported": 1.0, "contradicted": 0.0,
+                                                               "unverifiable": 0.0})
+    evidence_k: int = 2
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __call__(self, candidates: list[dict], lm: LanguageModel, documents_by_seed: dict[str, list[str]] | None = None,
+                 index: DocumentIndex | None = None) -> pa.Table:
+        docs = documents_by_seed or {}
+        states = [_Critique(c, c["reply"], docs.get(c.get("seed_id"), [])) for c in candidates]
+        for round_no in range(self.rounds + 1):
+            live = [s for s in states if s.live]
+            self._judge(live, lm, index, round_no)
+            if round_no < self.rounds:
+                self._revise([s for s in live if s.flagged()], lm)
+                for s in live:
+                    s.live = s.live and s.revised_this_round
+        return pa.Table.from_pylist([s.row(lm.name) for s in states], schema=CRITIQUES)
+
+    def _chat(self, prompts: list[Conversation], lm: LanguageModel, schema: dict | None) -> list[str]:
+        if not prompts:
+            return []
+        sampling = Sampling(n=1, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens, seed=self.seed,
+                            json_schema=schema)
+        return [c[0].text for c in lm.chat(prompts, sampling)]
+
+    def _judge(self, states: list[_Critique], lm: LanguageModel, index: DocumentIndex | None, round_no: int) -> None:
+        raws = self._chat([claims_prompt(s.question, s.response) for s in states], lm, CLAIMS_SCHEMA)
+        for state, raw in zip(states, raws):
+            state.start_round(round_no, parse_claims(raw))
+        pending = [(s, claim) for s in states for claim in s.current["claims"]]
+        evidence = [self._evidence(s, c["claim"], index) for s, c in pending]
+        outputs = self._chat([verdict_prompt(c["claim"], e) for (s, c), e in zip(pending, evidence)], lm,
+                             VERDICT_SCHEMA)
+        for (state, claim), ev, raw in zip(pending, evidence, outputs):
+            state.set_verdict(claim, parse_verdict(raw), ev)
+        for state in states:
+            state.finish_round(self.weights)
+
+    def _evidence(self, state: _Critique, claim: str, index: DocumentIndex | None) -> list[str]:
+        found = index.search(claim, self.evidence_k) if index else []
+        return list(dict.fromkeys(state.documents + found))
+
+    def _revise(self, states: list[_Critique], lm: LanguageModel) -> None:
+        unverifiable = [(s, c) for s in states for c in s.current["claims"] if c["verdict"] == "unverifiable"]
+        answers = self._chat([knows_prompt(c["claim"]) for _, c in unverifiable], lm, KNOWS_SCHEMA)
+        for (state, claim), raw in zip(unverifiable, answers):
+            known = parse_knows(raw)
+            state.count_call(known)
+            claim["action"] = "remove" if known.value == "unknown" else "keep"
+        for state in states:
+            for claim in state.current["claims"]:
+                if claim["verdict"] == "contradicted":
+                    claim["action"] = "fix"
+        todo = [s for s in states if s.changes()]
+        revised = self._chat([revise_prompt(s.question, s.response, *s.changes()) for s in todo], lm, None)
+        for state, text in zip(todo, revised):
+            state.apply_revision(text)
+
+
+@dataclass
+class _Critique:
+    candidate: dict
+    response: str
+    documents: list[str]
+    rounds: list[dict] = field(default_factory=list)
+    failures: int = 0
+    calls: int = 0
+    live: bool = True
+    revised_this_round: bool = False
+
+    @property
+    def question(self) -> str:
+        users = [m["content"] for m in self.candidate["context"] if m["role"] == "user"]
+        return users[-1] if users else ""
+
+    @property
+    def current(self) -> dict:
+        return self.rounds[-1]
+
+    def count_call(self, parsed: Parsed) -> None:
+        self.calls += 1
+        self.failures += parsed.error is not None
+
+    def start_round(self, round_no: int, parsed: Parsed) -> None:
+        self.count_call(parsed)
+        self.revised_this_round = False
+        claims = [{"claim": c, "verdict": None, "critique": None, "evidence": None, "action": None,
+                   "raw_output": None, "error": None} for c in (parsed.value or [])]
+        self.rounds.append({"round": round_no, "response": self.response, "claims": claims, "score": None,
+                            "raw_output": parsed.raw if parsed.error else None, "error": parsed.error})
+
+    def set_verdict(self, claim: dict, parsed: Parsed, evidence: list[str]) -> None:
+        self.count_call(parsed)
+        claim["evidence"] = "\n".join(evidence)
+        if parsed.error:
+            claim.update(raw_output=parsed.raw, error=parsed.error)
+        else:
+            claim["verdict"], claim["critique"] = parsed.value
+
+    def finish_round(self, weights: dict[str, float]) -> None:
+        judged = [c for c in self.current["claims"] if c["verdict"]]
+        if judged:
+            self.current["score"] = sum(weights.get(c["verdict"], 0.0) for c in judged) / len(judged)
+
+    def flagged(self) -> bool:
+        return any(c["verdict"] in ("contradicted", "unverifiable") for c in self.current["claims"])
+
+    def changes(self) -> tuple[list[tuple[str, str]], list[str]] | None:
+        fixes = [(c["claim"], c["critique"] or "") for c in self.current["claims"] if c["action"] == "fix"]
+        removals = [c["claim"] for c in self.current["claims"] if c["action"] == "remove"]
+        return (fixes, removals) if fixes or removals else None
+
+    def apply_revision(self, text: str) -> None:
+        """Take the model's revision; claims it left word for word are removed, and when it changed nothing
+        the sentence closest to each claim is removed, so a flagged claim never survives unchanged."""
+        edited = [c["claim"] for c in self.current["claims"] if c["action"] in ("fix", "remove")]
+        revised = text.strip() or self.response
+        for claim in edited:
+            revised = remove_verbatim(revised, claim)
+        if revised == self.response:
+            for claim in edited:
+                revised = remove_closest_sentence(revised, claim)
+        self.response = revised
+        self.revised_this_round = True
+
+    def row(self, model: str) -> dict:
+        scores = [r["score"] for r in self.rounds]
+        return {"candidate_id": self.candidate["candidate_id"], "context_id": self.candidate["context_id"],
+                "rounds": self.rounds, "final_response": self.response, "initial_score": scores[0],
+                "final_score": scores[-1], "num_parse_failures": self.failures, "num_calls": self.calls,
+                "critic_model": model}

@@ -1,0 +1,69 @@
+"""Claim critiques on the real engine: structure, rounds, lineage, and what the pipeline does with a
+contradiction the model flags (asserting on the pipeline's behaviour, not the tiny model's judgement)."""
+
+from __future__ import annotations
+
+import pytest
+
+from operators.critiques import VERDICTS, ClaimCritic
+from operators.retrieval import DocumentIndex
+from schemas.tables import CRITIQUES
+
+SOURCE = ("The Berlin Wall, built in 1961, was opened on the night of 9 November 1989. Germany was formally "
+          "reunified on 3 October 1990.")
+PLANTED = "The Berlin Wall fell in 1975."
+CANDIDATES = [
+    {"candidate_id": "planted", "context_id": "ctx", "seed_id": "wall",
+     "context": [{"role": "user", "content": "When did the Berlin Wall fall?"}],
+     "reply": f"{PLANTED} It was built in 1961 and Germany was reunified in 1990."},
+    {"candidate_id": "honey", "context_id": "ctx2", "seed_id": "bees",
+     "context": [{"role": "user", "content": "How do bees make honey?"}],
+     "reply": "Bees collect nectar and evaporate it in wax cells until it becomes honey."},
+]
+
+
+@pytest.fixture(scope="module")
+def critiques(engine):
+    index = DocumentIndex(["Honey bees store nectar in wax cells and fan it until its water content falls to "
+                           "about 18 percent.", "Copper is a good conductor of electricity."])
+    return ClaimCritic(rounds=2, max_tokens=160)(CANDIDATES, engine, {"wall": [SOURCE]}, index)
+
+
+def test_structure_rounds_and_lineage(critiques):
+    assert critiques.schema == CRITIQUES
+    for row, cand in zip(critiques.to_pylist(), CANDIDATES):
+        rounds = row["rounds"]
+        assert 1 <= len(rounds) <= 3 and [r["round"] for r in rounds] == list(range(len(rounds)))
+        assert rounds[0]["response"] == cand["reply"]
+        assert row["final_response"] and row["num_calls"] >= 1 + sum(len(r["claims"]) for r in rounds)
+        for r in rounds:
+            assert (r["error"] is None) == (r["raw_output"] is None)
+            assert r["score"] is None or 0.0 <= r["score"] <= 1.0
+            for claim in r["claims"]:
+                assert claim["verdict"] in VERDICTS or (claim["verdict"] is None and claim["error"])
+        assert row["initial_score"] == rounds[0]["score"] and row["final_score"] == rounds[-1]["score"]
+
+
+def test_evidence_holds_the_seed_source_and_retrieved_passages(critiques):
+    wall, honey = critiques.to_pylist()
+    for claim in wall["rounds"][0]["claims"]:
+        assert SOURCE in claim["evidence"]
+    for claim in honey["rounds"][0]["claims"]:
+        assert "Berlin" not in (claim["evidence"] or "")
+
+
+def test_flagged_claims_lead_to_a_revision_that_changes_or_removes_them(critiques):
+    for row in critiques.to_pylist():
+        rounds = row["rounds"]
+        for this, following in zip(rounds, rounds[1:]):
+            flagged = [c for c in this["claims"] if c["verdict"] in ("contradicted", "unverifiable")]
+            assert flagged, "a new round only follows a round with flagged claims"
+            for claim in flagged:
+                assert claim["action"] in ("fix", "remove", "keep")
+                if claim["action"] in ("fix", "remove") and claim["claim"] in this["response"]:
+                    assert claim["claim"] not in following["response"]
+            if any(c["action"] in ("fix", "remove") for c in flagged):
+                assert following["response"] != this["response"] or not following["response"]
+        last = rounds[-1]
+        if len(rounds) < 3:
+            assert not any(c["action"] in ("fix", "remove") for c in last["claims"])
