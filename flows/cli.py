@@ -16,7 +16,8 @@ from schemas.config import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic preference data for LLM post-training.")
 console = Console()
-CatalogOption = typer.Option(None, "--catalog", envvar="PREFMILL_CATALOG", help="catalog folder (default: under PREFMILL_HOME)")
+CatalogOption = typer.Option(None, "--catalog", envvar="PREFMILL_CATALOG",
+                             help="catalog folder (default: under PREFMILL_HOME)")
 
 
 def _fail(message: str) -> None:
@@ -161,7 +162,8 @@ def _emit(result: pa.Table, fmt: str, output: Path | None) -> None:
             table.add_row(*(_cell(v) for v in row.values()))
         Console(file=open(output, "w") if output else sys.stdout, width=200).print(table)
     elif fmt == "csv":
-        pacsv.write_csv(result, str(output) if output else sys.stdout.buffer)
+        flat = pa.table({name: _flat(col) for name, col in zip(result.column_names, result.columns)})
+        pacsv.write_csv(flat, str(output) if output else sys.stdout.buffer)
     elif fmt == "json":
         text = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
         output.write_text(text) if output else sys.stdout.write(text)
@@ -171,6 +173,13 @@ def _emit(result: pa.Table, fmt: str, output: Path | None) -> None:
         pq.write_table(result, output)
     else:
         _fail(f"unknown format {fmt!r}: use table, csv, json or parquet")
+
+
+def _flat(column: pa.ChunkedArray) -> pa.ChunkedArray | list:
+    """CSV has no nested types: lists and structs become JSON text."""
+    if pa.types.is_nested(column.type):
+        return [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+    return column
 
 
 def _cell(value: object) -> str:

@@ -96,7 +96,8 @@ class NaiveScorer:
                             max_tokens: int | None = None) -> list[ScoredPrefix]:
         limit = max_tokens or self.engine.config.max_model_len
         k = len(continuations)
-        prompts = self.engine.scoring_prompts([p for p in prefixes for _ in range(k)], list(continuations) * len(prefixes))
+        prompts = self.engine.scoring_prompts([p for p in prefixes for _ in range(k)],
+                                              list(continuations) * len(prefixes))
         flat, cuts = [], []
         for start in range(0, len(prompts), k):
             group = prompts[start:start + k]

@@ -217,23 +217,21 @@ def lineage_record(dataset: str, table: pa.Table, lineage: dict[str, Any]) -> di
 
 
 def refuse_unless_read_only(query: str) -> None:
-    """Raise unless every statement in `query` only reads (SELECT, EXPLAIN, DESCRIBE, SHOW, …)."""
-    allowed = {"SELECT", "EXPLAIN", "PRAGMA"}
+    """Raise unless every statement in `query` only reads (SELECT, SHOW, DESCRIBE, EXPLAIN, …).
+
+    A second line of defence: `sql` attaches the lake READ_ONLY, so a write that slipped through would fail.
+    """
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
         raise CatalogError(f"cannot parse SQL: {exc}") from exc
     for statement in statements:
         kind = statement.type.name
-        if kind not in allowed or (kind == "PRAGMA" and not _is_show(statement.query)):
+        if kind not in {"SELECT", "EXPLAIN"}:
             raise CatalogError(
                 f"refused: {kind} statements change the catalog or the session; `prefmill sql` is read-only "
                 "(publish data through the pipeline instead)"
             )
-
-
-def _is_show(query: str) -> bool:
-    return query.strip().split()[0].upper() in {"SHOW", "DESCRIBE", "SUMMARIZE"}
 
 
 def _at(version: int | None) -> str:

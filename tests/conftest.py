@@ -31,8 +31,10 @@ def engine(model_path):
     engine.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_pool(model_path, tmp_path_factory):
+    """Module-scoped so its two engines are gone before later modules start theirs (vLLM on CPU binds
+    memory to NUMA node 0, which is smaller than the machine's RAM)."""
     import ray
 
     from schemas.config import PoolConfig

@@ -15,7 +15,8 @@ PREFMILL = str(Path(sys.executable).with_name("prefmill"))
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([PREFMILL, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=600)
+    result = subprocess.run([PREFMILL, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
+                            timeout=600)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -55,6 +56,11 @@ def test_sql_datasets_and_export_commands(tmp_path):
     assert [json.loads(line)["pair_id"] for line in as_json.splitlines()] == ["p0", "p1"]
     csv = run("sql", "SELECT count(*) AS n FROM pairs", "--format", "csv", "--catalog", str(catalog)).stdout
     assert csv.split() == ['"n"', "3"]
+    nested = run("sql", "SELECT pair_id, chosen FROM pairs ORDER BY 1 LIMIT 1", "--format", "csv",
+                 "--catalog", str(catalog)).stdout
+    assert '"[{""role"": ""assistant"", ""content"": ""4""}]"' in nested
+    shown = run("sql", "SHOW TABLES", "--format", "json", "--catalog", str(catalog)).stdout
+    assert "pairs" in shown
     out = tmp_path / "pairs.parquet"
     run("sql", "SELECT * FROM pairs", "--format", "parquet", "--output", str(out), "--catalog", str(catalog))
     assert pq.read_table(out).num_rows == 3
@@ -67,3 +73,22 @@ def test_sql_datasets_and_export_commands(tmp_path):
     exported = tmp_path / "export.jsonl"
     run("export", "pairs", "--format", "jsonl", "--output", str(exported), "--catalog", str(catalog))
     assert len(exported.read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_demo_runs_the_pipeline_and_publishes_every_stage(tmp_path, model_path):
+    from storage.catalog import Catalog
+
+    catalog = tmp_path / "catalog"
+    out = run("demo", "--num-seeds", "2", "--catalog", str(catalog)).stdout
+    assert "FLR reward" in out
+    cat = Catalog(catalog)
+    names = {d.dataset: d for d in cat.datasets()}
+    assert set(names) == {"seeds", "conversations", "candidates", "rewards"}
+    assert names["seeds"].row_count == 2 and names["conversations"].row_count == 2
+    assert names["candidates"].row_count == names["rewards"].row_count == 8
+    lineage = names["rewards"].lineage
+    assert lineage["parents"] == {"candidates": names["candidates"].version} and lineage["config_hash"]
+    joined = cat.sql("SELECT count(*) AS n FROM rewards r JOIN candidates c USING (candidate_id) "
+                     "JOIN seeds s ON s.seed_id = c.seed_id").to_pylist()
+    assert joined == [{"n": 8}]

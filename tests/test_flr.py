@@ -15,11 +15,10 @@ FOLLOWUPS = (FollowUp("correctness", "positive", "Thanks, that's correct."),
              FollowUp("correctness", "negative", "That's wrong."),
              FollowUp("relevance", "positive", "Exactly what I needed."),
              FollowUp("relevance", "negative", "That is off topic."))
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CANDIDATES = [
-    {"candidate_id": "c0", "context_id": "x", "context": [{"role": "user", "content": "What is the capital of France?"}],
-     "reply": "The capital of France is Paris."},
-    {"candidate_id": "c1", "context_id": "x", "context": [{"role": "user", "content": "What is the capital of France?"}],
-     "reply": "Bananas are a good source of potassium."},
+    {"candidate_id": "c0", "context_id": "x", "context": QUESTION, "reply": "The capital of France is Paris."},
+    {"candidate_id": "c1", "context_id": "x", "context": QUESTION, "reply": "Bananas are a good source of potassium."},
 ]
 
 
