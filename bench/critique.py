@@ -27,7 +27,7 @@ def main() -> None:
              "context": [{"role": "user", "content": s["question"]}]} for s in seeds[:NUM_SEEDS]]
     candidates = CandidateSampler(n=1, max_tokens=96, seed=2)(rows, engine).to_pylist()
     index = DocumentIndex([d for s in seeds for d in s["documents"]])
-    critic = ClaimCritic(rounds=1, max_tokens=160)
+    critic = ClaimCritic(rounds=1)
     start = time.perf_counter()
     table = critic(candidates, engine, {s["seed_id"]: s["documents"] for s in seeds}, index)
     seconds = time.perf_counter() - start

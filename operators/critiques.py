@@ -26,8 +26,8 @@ VERDICTS = ("supported", "contradicted", "unverifiable")
 # String lengths are bounded in the schemas: a small model at temperature 0 can loop inside a string until
 # max_tokens cuts the JSON open (measured: 57% unparsed verdicts without the bounds).
 CLAIMS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["claims"],
-                 "properties": {"claims": {"type": "array", "maxItems": 8,
-                                           "items": {"type": "string", "minLength": 3, "maxLength": 200}}}}
+                 "properties": {"claims": {"type": "array", "maxItems": 6,
+                                           "items": {"type": "string", "minLength": 3, "maxLength": 150}}}}
 VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["critique", "verdict"],
                   "properties": {"critique": {"type": "string", "maxLength": 300},
                                  "verdict": {"enum": list(VERDICTS)}}}
