@@ -9,6 +9,7 @@ spent, or when the simulated user says it is done.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from operators.ids import stable_id
 from schemas.tables import CONVERSATIONS
-from serving.protocols import Conversation, LanguageModel, Message, Sampling
+from serving.protocols import Completion, Conversation, LanguageModel, Message, Sampling
 
 END_MARK = "[END]"
 SIMULATOR_SYSTEM = (
@@ -64,7 +65,12 @@ def parse_user_turn(raw: str) -> UserTurn:
 
 @dataclass(frozen=True)
 class SelfChat:
-    """Runs self-chat for a batch of seeds. Config in fields; `__call__(seeds, assistant, simulator)`."""
+    """Runs self-chat for a batch of seeds. Config in fields; `__call__(seeds, assistant, simulator)`.
+
+    With models that have `achat` (an async engine) each conversation runs its own turn loop, so its next
+    turn starts as soon as its last one ends; otherwise all live conversations advance together, one
+    batched call per role per turn. Both drivers make the same requests with the same seeds.
+    """
 
     max_turns: int = 3
     token_budget: int = 1024
@@ -80,38 +86,62 @@ class SelfChat:
         """One conversation per seed, as a `conversations` table."""
         simulator = simulator or assistant
         states = [_State(seed, [Message(role="user", content=seed["question"])]) for seed in seeds]
-        for turn in range(self.max_turns):
-            self._assistant_step([s for s in states if s.live], assistant, turn)
-            if turn + 1 < self.max_turns:
-                self._user_step([s for s in states if s.live], simulator, turn)
-            if progress:
-                progress(turn + 1, self.max_turns)
+        if hasattr(assistant, "achat") and hasattr(simulator, "achat"):
+            asyncio.run(self._converse_all(states, assistant, simulator))
+        else:
+            self._turn_by_turn(states, assistant, simulator, progress)
         for state in states:
             state.ended_by = state.ended_by or "max_turns"
         return pa.Table.from_pylist([self._row(s, assistant, simulator) for s in states], schema=CONVERSATIONS)
 
-    def _assistant_step(self, live: list[_State], lm: LanguageModel, turn: int) -> None:
-        for budget, group in _by_budget(live, self.token_budget, self.max_tokens_per_turn).items():
-            replies = lm.chat([s.messages for s in group], self._sampling(budget, turn, role=0))
-            for state, [reply] in zip(group, replies):
-                state.add("assistant", reply.text, reply.num_tokens)
-        for state in live:
-            if state.tokens >= self.token_budget:
-                state.ended_by = "token_budget"
+    def _turn_by_turn(self, states: list[_State], assistant: LanguageModel, simulator: LanguageModel,
+                      progress) -> None:
+        for turn in range(self.max_turns):
+            _batched([s for s in states if s.live], assistant, lambda s: self._assistant_request(s, turn),
+                     self._take_reply)
+            if turn + 1 < self.max_turns:
+                _batched([s for s in states if s.live], simulator, lambda s: self._user_request(s, turn),
+                         self._take_user_turn)
+            if progress:
+                progress(turn + 1, self.max_turns)
 
-    def _user_step(self, live: list[_State], lm: LanguageModel, turn: int) -> None:
-        for budget, group in _by_budget(live, self.token_budget, self.simulator_max_tokens).items():
-            prompts = [simulator_prompt(s.seed.get("persona"), s.messages) for s in group]
-            outputs = lm.chat(prompts, self._sampling(budget, turn, role=1, stop=("\nASSISTANT:",)))
-            for state, [out] in zip(group, outputs):
-                parsed = parse_user_turn(out.text)
-                state.tokens += out.num_tokens
-                if parsed.ended:
-                    state.ended_by = "user_ended"
-                elif state.tokens >= self.token_budget:
-                    state.ended_by = "token_budget"
-                else:
-                    state.messages.append(Message(role="user", content=parsed.text))
+    async def _converse_all(self, states: list[_State], assistant, simulator) -> None:
+        await asyncio.gather(*(self._converse(s, assistant, simulator) for s in states))
+
+    async def _converse(self, state: _State, assistant, simulator) -> None:
+        for turn in range(self.max_turns):
+            [reply] = await assistant.achat(*self._assistant_request(state, turn))
+            self._take_reply(state, reply)
+            if not state.live or turn + 1 == self.max_turns:
+                return
+            [out] = await simulator.achat(*self._user_request(state, turn))
+            self._take_user_turn(state, out)
+            if not state.live:
+                return
+
+    def _assistant_request(self, state: _State, turn: int) -> tuple[Conversation, Sampling]:
+        budget = min(self.max_tokens_per_turn, self.token_budget - state.tokens)
+        return state.messages, self._sampling(budget, turn, role=0)
+
+    def _take_reply(self, state: _State, reply: Completion) -> None:
+        state.add("assistant", reply.text, reply.num_tokens)
+        if state.tokens >= self.token_budget:
+            state.ended_by = "token_budget"
+
+    def _user_request(self, state: _State, turn: int) -> tuple[Conversation, Sampling]:
+        budget = min(self.simulator_max_tokens, self.token_budget - state.tokens)
+        prompt = simulator_prompt(state.seed.get("persona"), state.messages)
+        return prompt, self._sampling(budget, turn, role=1, stop=("\nASSISTANT:",))
+
+    def _take_user_turn(self, state: _State, out: Completion) -> None:
+        parsed = parse_user_turn(out.text)
+        state.tokens += out.num_tokens
+        if parsed.ended:
+            state.ended_by = "user_ended"
+        elif state.tokens >= self.token_budget:
+            state.ended_by = "token_budget"
+        else:
+            state.messages.append(Message(role="user", content=parsed.text))
 
     def _sampling(self, max_tokens: int, turn: int, role: int, stop: tuple[str, ...] = ()) -> Sampling:
         return Sampling(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
@@ -131,6 +161,17 @@ class SelfChat:
         }
 
 
+def _batched(states: list[_State], lm: LanguageModel, request, take) -> None:
+    """One `chat` call per distinct Sampling (usually one), results handed back to each state."""
+    groups: dict[Sampling, list[tuple[_State, Conversation]]] = {}
+    for state in states:
+        conversation, sampling = request(state)
+        groups.setdefault(sampling, []).append((state, conversation))
+    for sampling, group in groups.items():
+        for (state, _), [completion] in zip(group, lm.chat([c for _, c in group], sampling)):
+            take(state, completion)
+
+
 @dataclass
 class _State:
     seed: dict
@@ -145,11 +186,3 @@ class _State:
     def add(self, role: str, content: str, num_tokens: int) -> None:
         self.messages.append(Message(role=role, content=content))
         self.tokens += num_tokens
-
-
-def _by_budget(states: list[_State], budget: int, per_turn: int) -> dict[int, list[_State]]:
-    """Group live conversations by how many tokens they may still generate this turn (usually one group)."""
-    groups: dict[int, list[_State]] = {}
-    for state in states:
-        groups.setdefault(min(per_turn, budget - state.tokens), []).append(state)
-    return groups

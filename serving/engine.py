@@ -124,10 +124,11 @@ class VLLMEngine:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
-        return [_continuation_logprobs(p, out.prompt_logprobs) for p, out in zip(prompts, outputs)]
+        return [continuation_logprobs(p, out.prompt_logprobs) for p, out in zip(prompts, outputs)]
 
 
-def _continuation_logprobs(prompt: ScoringPrompt, prompt_logprobs: list[dict | None] | None) -> list[float]:
+def continuation_logprobs(prompt: ScoringPrompt, prompt_logprobs: list[dict | None] | None) -> list[float]:
+    """The continuation part of vLLM's prompt logprobs (position i holds the logprob of token i)."""
     ids = prompt.token_ids
     start = len(prompt.prefix_ids)
     if start == 0:

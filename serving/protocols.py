@@ -52,6 +52,14 @@ class LanguageModel(Protocol):
         ...
 
 
+class AsyncLanguageModel(LanguageModel, Protocol):
+    """A `LanguageModel` that also takes one conversation at a time, for flows that chain calls per
+    conversation (the engine batches whatever is in flight)."""
+
+    async def achat(self, conversation: Conversation, sampling: Sampling) -> list[Completion]:
+        ...
+
+
 @dataclass(frozen=True)
 class ScoredPrefix:
     """Per-token log-probabilities of each continuation after one prefix, and how many prefix tokens

@@ -1,0 +1,91 @@
+"""An asynchronous vLLM engine: requests are submitted one conversation at a time and run in the engine's
+continuous batch with whatever else is in flight.
+
+Operators that chain calls per conversation (self-chat: assistant → simulator → assistant) use `achat`,
+so a conversation's next turn starts as soon as its last one ends instead of waiting for the slowest
+conversation of the batch. The engine lives on its own event loop in a background thread; `chat` and
+`score` are the synchronous `LanguageModel` methods on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+from typing import Sequence
+
+from schemas.config import EngineConfig
+from serving.engine import continuation_logprobs, cpu_cores, engine_kwargs, on_gpu, sampling_params
+from serving.protocols import Completion, Conversation, Message, Sampling
+from serving.render import hf_render, hf_tokenize, scoring_prompts
+
+
+class AsyncVLLMEngine:
+    """A `LanguageModel` with an extra `async achat(conversation, sampling)` for per-conversation flows."""
+
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.name = config.model
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="prefmill-async-engine", daemon=True)
+        self._thread.start()
+        started = time.perf_counter()
+        if not on_gpu():
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores or cpu_cores()
+        args = AsyncEngineArgs(**engine_kwargs(config), disable_log_stats=True)
+        self.llm = self._run(self._build(AsyncLLM, args))
+        self.start_seconds = time.perf_counter() - started
+        self.tokenizer = self.llm.get_tokenizer()
+
+    async def _build(self, cls, args):
+        return cls.from_engine_args(args)
+
+    def close(self) -> None:
+        self.llm.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def achat(self, conversation: Conversation, sampling: Sampling) -> list[Completion]:
+        """`sampling.n` completions of one conversation; awaitable from any event loop."""
+        prompt = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+        future = asyncio.run_coroutine_threadsafe(self._generate(prompt, sampling), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
+        async def everything():
+            return await asyncio.gather(*(self.achat(c, sampling) for c in conversations))
+        return asyncio.run(everything())
+
+    def score(self, conversations: Sequence[Conversation], continuations: Sequence[Message]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = scoring_prompts(hf_render(self.tokenizer), hf_tokenize(self.tokenizer), conversations,
+                                  continuations)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+
+        async def one(p):
+            final = None
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=p.token_ids), params,
+                                               f"score-{next(self._ids)}"):
+                final = out
+            return continuation_logprobs(p, final.prompt_logprobs)
+
+        async def everything():
+            return await asyncio.gather(*(one(p) for p in prompts))
+        return self._run(everything())
+
+    async def _generate(self, prompt: str, sampling: Sampling) -> list[Completion]:
+        final = None
+        async for out in self.llm.generate(prompt, sampling_params(sampling), f"chat-{next(self._ids)}"):
+            final = out
+        return [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in final.outputs]
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

@@ -1,0 +1,50 @@
+"""The async engine: per-conversation requests in vLLM's continuous batch, and self-chat on it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from operators.seeds import load_seeds
+from operators.selfchat import SelfChat
+from serving.protocols import Sampling
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def async_engine(model_path):
+    from serving.async_engine import AsyncVLLMEngine
+
+    engine = AsyncVLLMEngine()
+    yield engine
+    engine.close()
+
+
+def test_single_requests_match_the_sync_engine(async_engine, engine):
+    conversation = [{"role": "user", "content": "Name two planets."}]
+    sampling = Sampling(n=2, seed=9, max_tokens=20, temperature=0.9)
+    assert asyncio.run(async_engine.achat(conversation, sampling)) == engine.chat([conversation], sampling)[0]
+    continuation = {"role": "assistant", "content": "Mars and Venus."}
+    assert async_engine.score([conversation], [continuation])[0] == pytest.approx(
+        engine.score([conversation], [continuation])[0], abs=1e-4)
+
+
+def test_chat_keeps_input_order(async_engine):
+    conversations = [[{"role": "user", "content": f"Repeat exactly: item{i}"}] for i in range(5)]
+    sampling = Sampling(seed=1, max_tokens=8, temperature=0.0)
+    together = async_engine.chat(conversations, sampling)
+    assert together == [async_engine.chat([c], sampling)[0] for c in conversations]
+
+
+def test_selfchat_on_the_async_engine_keeps_its_limits(async_engine):
+    seeds = load_seeds().seeds.to_pylist()[:4]
+    table = SelfChat(max_turns=3, token_budget=120, max_tokens_per_turn=40, simulator_max_tokens=40)(seeds,
+                                                                                                     async_engine)
+    for row in table.to_pylist():
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "user" and roles[-1] == "assistant"
+        assert all(a != b for a, b in zip(roles, roles[1:]))
+        assert row["num_tokens"] <= 120 and 1 <= row["num_turns"] <= 3
+        assert all("thought:" not in m["content"].lower() for m in row["messages"][1:] if m["role"] == "user")
