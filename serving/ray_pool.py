@@ -30,7 +30,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
         return
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir=os.environ.get("PREFMILL_RAY_TMP", "/tmp"))
+    # Ray's socket paths must stay under 108 bytes, so its temp folder lives right under /tmp
+    temp_dir = os.environ.get("PREFMILL_RAY_TMP") or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),

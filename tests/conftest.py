@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ def engine(model_path):
 
 
 @pytest.fixture(scope="module")
-def ray_pool(model_path, tmp_path_factory):
+def ray_pool(model_path):
     """Module-scoped so its two engines are gone before later modules start theirs (vLLM on CPU binds
     memory to NUMA node 0, which is smaller than the machine's RAM)."""
     import ray
@@ -40,11 +42,14 @@ def ray_pool(model_path, tmp_path_factory):
     from schemas.config import PoolConfig
     from serving.ray_pool import RayEnginePool
 
-    os.environ["PREFMILL_RAY_TMP"] = str(tmp_path_factory.mktemp("ray"))
+    # Ray's socket paths must stay under 108 bytes: a short folder in /tmp, not pytest's deep tmp_path
+    temp = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")
+    os.environ["PREFMILL_RAY_TMP"] = temp
     pool = RayEnginePool(PoolConfig(num_actors=2))
     yield pool
     pool.shutdown()
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
