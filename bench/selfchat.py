@@ -1,11 +1,8 @@
 """Self-chat + candidate sampling on the built-in seeds vs. raw vLLM `generate` on the same number of
-prompts and output tokens, in one run on one engine (the async engine the pipeline uses: conversations
-run their own turn loops inside vLLM's continuous batch). Raw = every request submitted at once with its
-exact output length. Last line: one JSON object of the figures."""
+prompts and output tokens, in one run on one engine. Last line: one JSON object of the figures."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -16,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from operators.candidates import CandidateSampler, contexts  # noqa: E402
 from operators.seeds import load_seeds  # noqa: E402
 from operators.selfchat import SelfChat  # noqa: E402
-from serving.async_engine import AsyncVLLMEngine  # noqa: E402
+from serving.engine import VLLMEngine  # noqa: E402
 
 
 class CountingLM:
@@ -28,43 +25,27 @@ class CountingLM:
     def chat(self, conversations, sampling):
         out = self.lm.chat(conversations, sampling)
         for conv, completions in zip(conversations, out):
-            self._count(conv, completions)
+            for c in completions:
+                self.requests.append((conv, c.num_tokens))
+                self.tokens += c.num_tokens
         return out
 
-    async def achat(self, conversation, sampling):
-        completions = await self.lm.achat(conversation, sampling)
-        self._count(conversation, completions)
-        return completions
 
-    def _count(self, conversation, completions):
-        for c in completions:
-            self.requests.append((conversation, c.num_tokens))
-            self.tokens += c.num_tokens
-
-
-def raw_generate(engine: AsyncVLLMEngine, requests: list) -> float:
-    """The same prompts with the same output lengths, straight into vLLM's `generate`, all at once."""
+def raw_generate(engine: VLLMEngine, requests: list) -> float:
+    """The same prompts with the same output lengths, straight into `LLM.generate`, all at once."""
     from vllm import SamplingParams
 
     tok = engine.tokenizer
     prompts = [tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) for conv, _ in requests]
     params = [SamplingParams(max_tokens=max(n, 1), min_tokens=max(n, 1), ignore_eos=True, temperature=0.7, seed=k)
               for k, (_, n) in enumerate(requests)]
-
-    async def one(k):
-        async for _ in engine.llm.generate(prompts[k], params[k], f"raw-{k}"):
-            pass
-
-    async def everything():
-        await asyncio.gather(*(one(k) for k in range(len(prompts))))
-
     start = time.perf_counter()
-    engine._run(everything())
+    engine.llm.generate(prompts, params, use_tqdm=False)
     return time.perf_counter() - start
 
 
 def main() -> None:
-    engine = AsyncVLLMEngine()
+    engine = VLLMEngine()
     seeds = load_seeds().seeds.to_pylist()
     lm = CountingLM(engine)
     start = time.perf_counter()

@@ -21,7 +21,7 @@ from operators.seeds import BUILTIN_SEEDS, load_seeds
 from operators.selfchat import SelfChat
 from schemas.config import DEFAULT_MODEL
 from schemas.tables import CANDIDATES, CONVERSATIONS, QUARANTINE, REWARDS, SEEDS
-from serving.async_engine import AsyncVLLMEngine
+from serving.engine import VLLMEngine
 from serving.prefix_scorer import SharedPrefixScorer
 from storage.catalog import Catalog
 
@@ -50,7 +50,7 @@ def run_demo(seeds_path: Path = BUILTIN_SEEDS, num_seeds: int = 8, catalog_path:
         publish(loaded.quarantine, "quarantine", QUARANTINE)
     with Progress(console=console) as progress:
         task = progress.add_task("starting the engine", total=4)
-        engine = AsyncVLLMEngine()
+        engine = VLLMEngine()
         progress.update(task, advance=1, description="self-chat")
         conversations = selfchat(seeds.to_pylist(), engine)
         publish(conversations, "conversations", CONVERSATIONS, ["seeds"])

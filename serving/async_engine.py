@@ -82,8 +82,12 @@ class AsyncVLLMEngine:
         return self._run(everything())
 
     async def _generate(self, prompt: str, sampling: Sampling) -> list[Completion]:
+        from vllm.sampling_params import RequestOutputKind
+
+        params = sampling_params(sampling)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
         final = None
-        async for out in self.llm.generate(prompt, sampling_params(sampling), f"chat-{next(self._ids)}"):
+        async for out in self.llm.generate(prompt, params, f"chat-{next(self._ids)}"):
             final = out
         return [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in final.outputs]
 
