@@ -78,7 +78,7 @@ def parse_json(raw: str, key: str, check) -> Parsed:
     try:
         data = json.loads(match.group(0) if match else text)
     except json.JSONDecodeError as exc:
-        return Parsed(None, f"malformed JSON: {exc.msg} at column {exc.colno}", raw)
+        return Parsed(None, f"malformed JSON at column {exc.colno}: {exc.msg}", raw)
     if not isinstance(data, dict) or key not in data:
         return Parsed(None, f"JSON has no '{key}' field", raw)
     if not check(data[key]):
