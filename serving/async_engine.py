@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import threading
 import time
 from typing import Sequence
 
 from schemas.config import EngineConfig
-from serving.engine import continuation_logprobs, cpu_cores, engine_kwargs, on_gpu, sampling_params
+from serving.engine import bind_cpu_threads, continuation_logprobs, engine_kwargs, sampling_params
 from serving.protocols import Completion, Conversation, Message, Sampling
 from serving.render import hf_render, hf_tokenize, scoring_prompts
 
@@ -36,8 +35,7 @@ class AsyncVLLMEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="prefmill-async-engine", daemon=True)
         self._thread.start()
         started = time.perf_counter()
-        if not on_gpu():
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores or cpu_cores()
+        bind_cpu_threads(config)
         args = AsyncEngineArgs(**engine_kwargs(config), disable_log_stats=True)
         self.llm = self._run(self._build(AsyncLLM, args))
         self.start_seconds = time.perf_counter() - started

@@ -57,6 +57,12 @@ def cpu_cores() -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
+def bind_cpu_threads(config: EngineConfig) -> None:
+    """On CPU, tell the engine about to start which cores its OpenMP threads bind (`config.cpu_cores` or all)."""
+    if not on_gpu():
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores or cpu_cores()
+
+
 def sampling_params(sampling: Sampling):
     """Our `Sampling` as vLLM `SamplingParams` (with JSON-schema structured output when asked)."""
     from vllm import SamplingParams
@@ -88,8 +94,7 @@ class VLLMEngine:
         self.name = config.model
         started = time.perf_counter()
         kwargs = engine_kwargs(config)
-        if not on_gpu():
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores or cpu_cores()
+        bind_cpu_threads(config)
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
