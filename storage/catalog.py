@@ -122,7 +122,8 @@ class Catalog:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return self._latest_version(dataset)
+            # still under the exclusive lock, so the newest version is this publish, not a concurrent one
+            return self._versions(con, dataset)[-1]
 
     def versions(self, dataset: str) -> list[Version]:
         """Every version of `dataset`, oldest first."""
@@ -196,9 +197,6 @@ class Catalog:
             versions.append(Version(dataset, snapshot_id, lineage["rows_added"], total,
                                     datetime.fromisoformat(lineage["created_at"]), lineage))
         return versions
-
-    def _latest_version(self, dataset: str) -> Version:
-        return self.versions(dataset)[-1]
 
     def _require(self, con: duckdb.DuckDBPyConnection, dataset: str, version: int | None) -> None:
         known = [v.version for v in self._versions(con, dataset)]

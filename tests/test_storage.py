@@ -139,8 +139,9 @@ from storage.catalog import Catalog
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 for k in range(3):
-    Catalog(sys.argv[1]).publish(pairs(1000, offset=int(sys.argv[3]) * 10000 + k * 1000), "pairs",
-                                 {{"run_id": sys.argv[3]}})
+    v = Catalog(sys.argv[1]).publish(pairs(1000, offset=int(sys.argv[3]) * 10000 + k * 1000), "pairs",
+                                     {{"run_id": sys.argv[3]}})
+    assert v.lineage["run_id"] == sys.argv[3], "publish returned another process's version"
 """
 
 
