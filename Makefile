@@ -35,5 +35,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
+lint: $(STAMP)
+	$(BIN)/pip install -q ruff==0.17.6
+	$(BIN)/ruff check .
+
 clean:
 	rm -rf $(VENV) .prefmill

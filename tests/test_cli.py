@@ -42,8 +42,8 @@ def test_chat_with_a_bad_model_spec_fails_clearly():
 
 
 def test_sql_datasets_and_export_commands(tmp_path):
-    from tests.test_storage import pairs
     from storage.catalog import Catalog
+    from tests.test_storage import pairs
 
     catalog = tmp_path / "catalog"
     v1 = Catalog(catalog).publish(pairs(2), "pairs", {"run_id": "cli"})

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from operators.critiques import (ClaimCritic, parse_claims, parse_knows, parse_verdict, remove_verbatim,
-                                 verdict_prompt)
+from operators.critiques import ClaimCritic, parse_claims, parse_knows, parse_verdict, remove_verbatim, verdict_prompt
 from operators.retrieval import DocumentIndex, load_documents
 from schemas.tables import CRITIQUES
 from tests.fakes import ScriptedLM
