@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from operators.candidates import CandidateSampler, contexts
+from operators.candidates import CandidateSampler
 from operators.flr import FollowUpReward
+from operators.rollout import Rollout
 from operators.seeds import BUILTIN_SEEDS, load_seeds
 from operators.selfchat import SelfChat
 from schemas.config import DEFAULT_MODEL
@@ -34,9 +35,10 @@ def run_demo(seeds_path: Path = BUILTIN_SEEDS, num_seeds: int = 8, catalog_path:
     catalog = Catalog(catalog_path)
     loaded = load_seeds(seeds_path)
     seeds = loaded.seeds.slice(0, num_seeds)
-    selfchat, sampler, flr = SelfChat(max_turns=2, max_tokens_per_turn=96), CandidateSampler(n=4, max_tokens=96), \
-        FollowUpReward()
-    config = {"selfchat": asdict(selfchat), "candidates": asdict(sampler), "flr_aggregation": flr.aggregation,
+    rollout = Rollout(SelfChat(max_turns=2, max_tokens_per_turn=96), CandidateSampler(n=4, max_tokens=96), "last")
+    flr = FollowUpReward()
+    config = {"selfchat": asdict(rollout.selfchat), "candidates": asdict(rollout.sampler),
+              "contexts": rollout.contexts, "flr_aggregation": flr.aggregation,
               "seeds": str(seeds_path), "num_seeds": num_seeds}
     lineage = {"run_id": run_id, "config": config, "models": [DEFAULT_MODEL]}
     versions: dict[str, int] = {}
@@ -49,17 +51,16 @@ def run_demo(seeds_path: Path = BUILTIN_SEEDS, num_seeds: int = 8, catalog_path:
     if loaded.quarantine.num_rows:
         publish(loaded.quarantine, "quarantine", QUARANTINE)
     with Progress(console=console) as progress:
-        task = progress.add_task("starting the engine", total=4)
+        task = progress.add_task("starting the engine", total=3)
         engine = VLLMEngine()
-        progress.update(task, advance=1, description="self-chat")
-        conversations = selfchat(seeds.to_pylist(), engine)
-        publish(conversations, "conversations", CONVERSATIONS, ["seeds"])
-        progress.update(task, advance=1, description="candidate replies")
-        candidates = sampler(contexts(conversations, "last"), engine)
-        publish(candidates, "candidates", CANDIDATES, ["conversations"])
+        chats = progress.add_task("conversations (self-chat + candidates)", total=seeds.num_rows)
+        progress.update(task, advance=1, description="self-chat and candidate replies")
+        out = rollout(seeds.to_pylist(), engine, progress=lambda done, _: progress.update(chats, completed=done))
         engine.close()
+        publish(out.conversations, "conversations", CONVERSATIONS, ["seeds"])
+        publish(out.candidates, "candidates", CANDIDATES, ["conversations"])
         progress.update(task, advance=1, description="follow-up likelihood rewards")
-        rewards = flr(candidates.to_pylist(), SharedPrefixScorer())
+        rewards = flr(out.candidates.to_pylist(), SharedPrefixScorer())
         publish(rewards, "rewards", REWARDS, ["candidates"])
         progress.update(task, advance=1, description="done")
     _summary(console, run_id, catalog, versions, rewards)

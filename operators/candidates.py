@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from operators.ids import stable_id
 from schemas.tables import CANDIDATES
-from serving.protocols import LanguageModel, Sampling
+from serving.protocols import Completion, LanguageModel, Sampling
 
 
 def contexts(conversations: pa.Table, which: str = "all") -> list[dict]:
@@ -24,10 +24,17 @@ def contexts(conversations: pa.Table, which: str = "all") -> list[dict]:
     for conv in conversations.to_pylist():
         ends = [k for k, m in enumerate(conv["messages"]) if m["role"] == "user"]
         for end in ends if which == "all" else ends[-1:]:
-            prefix = conv["messages"][: end + 1]
-            out.append({"context_id": stable_id("ctx", conv["conversation_id"], end),
-                        "conversation_id": conv["conversation_id"], "seed_id": conv["seed_id"], "context": prefix})
+            out.append(context_row(conv["conversation_id"], conv["seed_id"], conv["messages"], end))
     return out
+
+
+def context_row(conversation_id: str, seed_id: str, messages: list[dict], end: int) -> dict:
+    """The context made of `messages[: end + 1]` (which must end in a user turn)."""
+    if messages[end]["role"] != "user":
+        role = messages[end]["role"]
+        raise ValueError(f"a context ends in a user turn; message {end} of {conversation_id} is {role}")
+    return {"context_id": stable_id("ctx", conversation_id, end), "conversation_id": conversation_id,
+            "seed_id": seed_id, "context": list(messages[: end + 1])}
 
 
 @dataclass(frozen=True)
@@ -40,17 +47,24 @@ class CandidateSampler:
 
     def __call__(self, context_rows: list[dict], lm: LanguageModel) -> pa.Table:
         """n candidate replies per context, as a `candidates` table."""
-        sampling = Sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                            seed=self.seed)
-        replies = lm.chat([row["context"] for row in context_rows], sampling)
-        rows = []
-        for ctx, samples in zip(context_rows, replies, strict=True):
-            seen: set[str] = set()
-            for k, reply in enumerate(samples):
-                key = " ".join(reply.text.split()).casefold()
-                rows.append(self._row(ctx, k, reply, key in seen, lm.name))
-                seen.add(key)
+        replies = lm.chat([row["context"] for row in context_rows], self.sampling) if context_rows else []
+        rows = [row for ctx, samples in zip(context_rows, replies, strict=True)
+                for row in self.rows(ctx, samples, lm.name)]
         return pa.Table.from_pylist(rows, schema=CANDIDATES)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                        seed=self.seed)
+
+    def rows(self, ctx: dict, samples: list[Completion], model: str) -> list[dict]:
+        """The `candidates` rows of one context's samples, later copies of a reply flagged."""
+        rows, seen = [], set()
+        for k, reply in enumerate(samples):
+            key = " ".join(reply.text.split()).casefold()
+            rows.append(self._row(ctx, k, reply, key in seen, model))
+            seen.add(key)
+        return rows
 
     def _row(self, ctx: dict, k: int, reply, duplicate: bool, model: str) -> dict:
         return {

@@ -2,22 +2,24 @@
 
 The simulator is prompted with the persona and the transcript so far and asked for a short thought
 (why) and then the user's next message; the thought is stripped and never enters the conversation.
-All live conversations advance together, one batched call per role per turn, so the engine always
-gets full batches. A conversation stops at `max_turns` assistant replies, when its token budget is
-spent, or when the simulated user says it is done.
+All conversations start together and each one's next turn is requested the moment its last one ends
+(see `operators.streams`), so the engine always has every live conversation in its batch. A
+conversation stops at `max_turns` assistant replies, when its token budget is spent, or when the
+simulated user says it is done.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 
 from operators.ids import stable_id
+from operators.streams import run_requests
 from schemas.tables import CONVERSATIONS
-from serving.protocols import Completion, Conversation, LanguageModel, Message, Sampling
+from serving.protocols import Completion, Conversation, LanguageModel, Message, Request, Sampling
 
 END_MARK = "[END]"
 SIMULATOR_SYSTEM = (
@@ -67,9 +69,10 @@ def parse_user_turn(raw: str) -> UserTurn:
 class SelfChat:
     """Runs self-chat for a batch of seeds. Config in fields; `__call__(seeds, assistant, simulator)`.
 
-    With models that have `achat` (an async engine) each conversation runs its own turn loop, so its next
-    turn starts as soon as its last one ends; otherwise all live conversations advance together, one
-    batched call per role per turn. Both drivers make the same requests with the same seeds.
+    Each conversation is a chain of requests (assistant, simulator, assistant, ...). With one engine that
+    can stream, a conversation's next turn joins the running batch as soon as its last one ends; otherwise
+    all live conversations advance together, one batched call per role per turn. Both make the same
+    requests with the same seeds.
     """
 
     max_turns: int = 3
@@ -82,94 +85,116 @@ class SelfChat:
     id_salt: str = field(default="", repr=False)
 
     def __call__(self, seeds: list[dict], assistant: LanguageModel, simulator: LanguageModel | None = None,
-                 progress=None) -> pa.Table:
+                 progress: Progress | None = None) -> pa.Table:
         """One conversation per seed, as a `conversations` table."""
         simulator = simulator or assistant
-        states = [_State(seed, [Message(role="user", content=seed["question"])]) for seed in seeds]
-        if hasattr(assistant, "achat") and hasattr(simulator, "achat"):
-            asyncio.run(self._converse_all(states, assistant, simulator))
+        dialogues = Dialogues(self, seeds, progress)
+        run_requests({"assistant": assistant, "simulator": simulator}, dialogues.first_requests(), dialogues.take)
+        return dialogues.table(assistant.name, simulator.name)
+
+    def conversation_id(self, seed_id: str) -> str:
+        return stable_id("conv", seed_id, self.seed, self.id_salt)
+
+    def sampling(self, max_tokens: int, turn: int, role: int, stop: tuple[str, ...] = ()) -> Sampling:
+        """Turn `turn` of role 0 (assistant) or 1 (simulator): every conversation gets the same seed."""
+        return Sampling(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
+                        seed=self.seed + 2 * turn + role, stop=stop)
+
+
+Progress = Callable[[int, int], None]
+
+
+class Dialogues:
+    """The live state of one self-chat run: each conversation's messages, and the request it needs next.
+
+    Request keys are `("assistant" | "user", conversation index, turn)`; `take` consumes a finished
+    request and returns the conversation's next one (none once it has ended).
+    """
+
+    def __init__(self, chat: SelfChat, seeds: list[dict], progress: Progress | None = None):
+        self.chat, self.progress, self.finished = chat, progress, 0
+        self.states = [_State(seed, [Message(role="user", content=seed["question"])]) for seed in seeds]
+
+    def first_requests(self) -> list[Request]:
+        return [self._assistant_request(i, 0) for i in range(len(self.states))]
+
+    def take(self, request: Request, completions: list[Completion]) -> list[Request]:
+        kind, i, turn = request.key
+        state = self.states[i]
+        if kind == "assistant":
+            self._take_reply(state, completions[0])
+            if state.live and turn + 1 < self.chat.max_turns:
+                return [self._user_request(i, turn)]
         else:
-            self._turn_by_turn(states, assistant, simulator, progress)
-        for state in states:
-            state.ended_by = state.ended_by or "max_turns"
-        return pa.Table.from_pylist([self._row(s, assistant, simulator) for s in states], schema=CONVERSATIONS)
+            self._take_user_turn(state, completions[0])
+            if state.live:
+                return [self._assistant_request(i, turn + 1)]
+        self._finish(state)
+        return []
 
-    def _turn_by_turn(self, states: list[_State], assistant: LanguageModel, simulator: LanguageModel,
-                      progress) -> None:
-        for turn in range(self.max_turns):
-            _batched([s for s in states if s.live], assistant, lambda s: self._assistant_request(s, turn),
-                     self._take_reply)
-            if turn + 1 < self.max_turns:
-                _batched([s for s in states if s.live], simulator, lambda s: self._user_request(s, turn),
-                         self._take_user_turn)
-            if progress:
-                progress(turn + 1, self.max_turns)
+    def messages(self, i: int) -> list[Message]:
+        return self.states[i].messages
 
-    async def _converse_all(self, states: list[_State], assistant, simulator) -> None:
-        await asyncio.gather(*(self._converse(s, assistant, simulator) for s in states))
+    def seed_id(self, i: int) -> str:
+        return self.states[i].seed["seed_id"]
 
-    async def _converse(self, state: _State, assistant, simulator) -> None:
-        for turn in range(self.max_turns):
-            [reply] = await assistant.achat(*self._assistant_request(state, turn))
-            self._take_reply(state, reply)
-            if not state.live or turn + 1 == self.max_turns:
-                return
-            [out] = await simulator.achat(*self._user_request(state, turn))
-            self._take_user_turn(state, out)
-            if not state.live:
-                return
+    def last_context_known(self, i: int) -> bool:
+        """Whether conversation i's last user turn is its final one: it has ended, or only its last
+        assistant reply is still to come."""
+        state = self.states[i]
+        turns = sum(m["role"] == "assistant" for m in state.messages)
+        return not state.live or (state.messages[-1]["role"] == "user" and turns == self.chat.max_turns - 1)
 
-    def _assistant_request(self, state: _State, turn: int) -> tuple[Conversation, Sampling]:
-        budget = min(self.max_tokens_per_turn, self.token_budget - state.tokens)
-        return state.messages, self._sampling(budget, turn, role=0)
+    def table(self, assistant_name: str, simulator_name: str) -> pa.Table:
+        return pa.Table.from_pylist([self._row(s, assistant_name, simulator_name) for s in self.states],
+                                    schema=CONVERSATIONS)
+
+    def _assistant_request(self, i: int, turn: int) -> Request:
+        state = self.states[i]
+        budget = min(self.chat.max_tokens_per_turn, self.chat.token_budget - state.tokens)
+        return Request(("assistant", i, turn), list(state.messages), self.chat.sampling(budget, turn, role=0),
+                       "assistant")
+
+    def _user_request(self, i: int, turn: int) -> Request:
+        state = self.states[i]
+        budget = min(self.chat.simulator_max_tokens, self.chat.token_budget - state.tokens)
+        prompt = simulator_prompt(state.seed.get("persona"), state.messages)
+        return Request(("user", i, turn), prompt, self.chat.sampling(budget, turn, role=1, stop=("\nASSISTANT:",)),
+                       "simulator")
 
     def _take_reply(self, state: _State, reply: Completion) -> None:
         state.add("assistant", reply.text, reply.num_tokens)
-        if state.tokens >= self.token_budget:
+        if state.tokens >= self.chat.token_budget:
             state.ended_by = "token_budget"
-
-    def _user_request(self, state: _State, turn: int) -> tuple[Conversation, Sampling]:
-        budget = min(self.simulator_max_tokens, self.token_budget - state.tokens)
-        prompt = simulator_prompt(state.seed.get("persona"), state.messages)
-        return prompt, self._sampling(budget, turn, role=1, stop=("\nASSISTANT:",))
 
     def _take_user_turn(self, state: _State, out: Completion) -> None:
         parsed = parse_user_turn(out.text)
         state.tokens += out.num_tokens
         if parsed.ended:
             state.ended_by = "user_ended"
-        elif state.tokens >= self.token_budget:
+        elif state.tokens >= self.chat.token_budget:
             state.ended_by = "token_budget"
         else:
             state.messages.append(Message(role="user", content=parsed.text))
 
-    def _sampling(self, max_tokens: int, turn: int, role: int, stop: tuple[str, ...] = ()) -> Sampling:
-        return Sampling(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
-                        seed=self.seed + 2 * turn + role, stop=stop)
+    def _finish(self, state: _State) -> None:
+        state.ended_by = state.ended_by or "max_turns"
+        self.finished += 1
+        if self.progress:
+            self.progress(self.finished, len(self.states))
 
-    def _row(self, state: _State, assistant: LanguageModel, simulator: LanguageModel) -> dict:
+    def _row(self, state: _State, assistant_name: str, simulator_name: str) -> dict:
         seed_id = state.seed["seed_id"]
         return {
-            "conversation_id": stable_id("conv", seed_id, self.seed, self.id_salt),
+            "conversation_id": self.chat.conversation_id(seed_id),
             "seed_id": seed_id,
             "messages": state.messages,
             "num_turns": sum(m["role"] == "assistant" for m in state.messages),
             "ended_by": state.ended_by,
             "num_tokens": state.tokens,
-            "simulator_model": simulator.name,
-            "assistant_model": assistant.name,
+            "simulator_model": simulator_name,
+            "assistant_model": assistant_name,
         }
-
-
-def _batched(states: list[_State], lm: LanguageModel, request, take) -> None:
-    """One `chat` call per distinct Sampling (usually one), results handed back to each state."""
-    groups: dict[Sampling, list[tuple[_State, Conversation]]] = {}
-    for state in states:
-        conversation, sampling = request(state)
-        groups.setdefault(sampling, []).append((state, conversation))
-    for sampling, group in groups.items():
-        for (state, _), [completion] in zip(group, lm.chat([c for _, c in group], sampling)):
-            take(state, completion)
 
 
 @dataclass

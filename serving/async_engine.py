@@ -1,10 +1,11 @@
 """An asynchronous vLLM engine: requests are submitted one conversation at a time and run in the engine's
 continuous batch with whatever else is in flight.
 
-Operators that chain calls per conversation (self-chat: assistant → simulator → assistant) use `achat`,
-so a conversation's next turn starts as soon as its last one ends instead of waiting for the slowest
-conversation of the batch. The engine lives on its own event loop in a background thread; `chat` and
-`score` are the synchronous `LanguageModel` methods on top of it.
+`stream` runs a request stream on it (a conversation's next turn starts as soon as its last one ends),
+like `VLLMEngine.stream` does on the synchronous engine; here the frontend runs on an event loop, which
+on a 2-core CPU competes with the engine for cores (measured slower there). The engine lives on its own
+event loop in a background thread; `chat` and `score` are the synchronous `LanguageModel` methods on
+top of it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from schemas.config import EngineConfig
 from serving.engine import bind_cpu_threads, continuation_logprobs, engine_kwargs, sampling_params
-from serving.protocols import Completion, Conversation, Message, Sampling
+from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling
 from serving.render import hf_render, hf_tokenize, scoring_prompts
 
 
 class AsyncVLLMEngine:
-    """A `LanguageModel` with an extra `async achat(conversation, sampling)` for per-conversation flows."""
+    """A `StreamingLanguageModel` with an extra `async achat(conversation, sampling)` for one request."""
 
     def __init__(self, config: EngineConfig = EngineConfig()):
         from vllm import AsyncEngineArgs
@@ -59,6 +60,26 @@ class AsyncVLLMEngine:
         async def everything():
             return await asyncio.gather(*(self.achat(c, sampling) for c in conversations))
         return asyncio.run(everything())
+
+    def stream(self, requests: Iterable[Request], on_done: OnDone) -> None:
+        """Each request runs as its own engine request; a finished one's follow-ups start at once."""
+        async def everything():
+            tasks: dict[asyncio.Future, Request] = {}
+
+            def add(batch: Iterable[Request]) -> None:
+                for request in batch:
+                    tasks[asyncio.ensure_future(self.achat(request.conversation, request.sampling))] = request
+
+            add(requests)
+            try:
+                while tasks:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        add(on_done(tasks.pop(task), task.result()))
+            finally:
+                for task in tasks:
+                    task.cancel()
+        asyncio.run(everything())
 
     def score(self, conversations: Sequence[Conversation], continuations: Sequence[Message]) -> list[list[float]]:
         from vllm import SamplingParams

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from schemas.config import EngineConfig
 from serving.models import resolve_model
-from serving.protocols import Completion, Conversation, Message, Sampling
+from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling
 from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 GPU_KV_CACHE_FRACTION = 0.85
@@ -85,7 +86,7 @@ def sampling_params(sampling: Sampling):
 
 
 class VLLMEngine:
-    """A `LanguageModel` backed by one in-process `vllm.LLM`."""
+    """A `StreamingLanguageModel` backed by one in-process `vllm.LLM`."""
 
     def __init__(self, config: EngineConfig = EngineConfig()):
         from vllm import LLM
@@ -98,6 +99,7 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
+        self._request_ids = itertools.count()
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -107,10 +109,42 @@ class VLLMEngine:
         if not conversations:
             return []
         outputs = self.llm.chat([list(c) for c in conversations], sampling_params(sampling), use_tqdm=False)
-        return [
-            [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in out.outputs]
-            for out in outputs
-        ]
+        return [completions(out) for out in outputs]
+
+    def stream(self, requests: Iterable[Request], on_done: OnDone) -> None:
+        """Run a request stream in the engine's continuous batch: whenever a request finishes, its
+        follow-ups from `on_done` are added before the next engine step. If `on_done` raises, the requests
+        still in flight are aborted and the error propagates."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        in_flight: dict[str, Request] = {}
+
+        def add(batch: Iterable[Request]) -> None:
+            for request in batch:
+                request_id = f"stream-{next(self._request_ids)}"
+                params = sampling_params(request.sampling)
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
+                engine.add_request(request_id, self.chat_prompt(request.conversation), params)
+                in_flight[request_id] = request
+
+        try:
+            add(requests)
+            while in_flight:
+                for out in engine.step():
+                    if out.finished:
+                        add(on_done(in_flight.pop(out.request_id), completions(out)))
+        except BaseException:
+            if in_flight:
+                engine.abort_request(list(in_flight))
+            raise
+
+    def chat_prompt(self, conversation: Conversation):
+        """The token ids `LLM.chat` would send for this conversation (template text, no extra specials)."""
+        from vllm.inputs import TokensPrompt
+
+        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+        return TokensPrompt(prompt_token_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def score(self, conversations: Sequence[Conversation], continuations: Sequence[Message]) -> list[list[float]]:
         prompts = self.scoring_prompts(conversations, continuations)
@@ -130,6 +164,11 @@ class VLLMEngine:
         inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         return [continuation_logprobs(p, out.prompt_logprobs) for p, out in zip(prompts, outputs)]
+
+
+def completions(output) -> list[Completion]:
+    """A finished vLLM `RequestOutput` as our completions, one per sample."""
+    return [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in output.outputs]
 
 
 def continuation_logprobs(prompt: ScoringPrompt, prompt_logprobs: list[dict | None] | None) -> list[float]:

@@ -7,7 +7,7 @@ serving/.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, TypedDict
+from typing import Any, Callable, Hashable, Iterable, Protocol, Sequence, TypedDict
 
 
 class Message(TypedDict):
@@ -52,11 +52,27 @@ class LanguageModel(Protocol):
         ...
 
 
-class AsyncLanguageModel(LanguageModel, Protocol):
-    """A `LanguageModel` that also takes one conversation at a time, for flows that chain calls per
-    conversation (the engine batches whatever is in flight)."""
+@dataclass(frozen=True)
+class Request:
+    """One chat request of a request stream. `key` is the caller's handle; `model` names which of the
+    caller's models serves it (self-chat has an assistant and a simulator)."""
 
-    async def achat(self, conversation: Conversation, sampling: Sampling) -> list[Completion]:
+    key: Hashable
+    conversation: Conversation
+    sampling: Sampling
+    model: str = "default"
+
+
+OnDone = Callable[[Request, list[Completion]], Iterable[Request]]
+
+
+class StreamingLanguageModel(LanguageModel, Protocol):
+    """A `LanguageModel` that runs a request stream in one continuous batch: a request's follow-ups join
+    the running batch the moment it finishes, instead of waiting for the slowest request of a wave."""
+
+    def stream(self, requests: Iterable[Request], on_done: OnDone) -> None:
+        """Run `requests`; each finished one's completions go to `on_done`, and the requests it returns
+        are added at once. Returns when nothing is left in flight."""
         ...
 
 

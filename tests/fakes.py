@@ -34,3 +34,25 @@ class ScriptedLM:
         if len(words) > max_tokens:
             return Completion(" ".join(words[:max_tokens]), max_tokens, "length")
         return Completion(text, len(words), "stop")
+
+
+class StreamingScriptedLM(ScriptedLM):
+    """The scripted model with `stream`: requests finish one at a time, newest first, so follow-ups
+    overtake older requests (the opposite of lock-step waves). `events` logs ("add" | "done", key)."""
+
+    def __init__(self, script: Script, name: str = "scripted"):
+        super().__init__(script, name)
+        self.events: list[tuple[str, object]] = []
+
+    def stream(self, requests, on_done) -> None:
+        queue = []
+
+        def add(batch):
+            for request in batch:
+                self.events.append(("add", request.key))
+                queue.append(request)
+        add(requests)
+        while queue:
+            request = queue.pop()
+            self.events.append(("done", request.key))
+            add(on_done(request, self.chat([request.conversation], request.sampling)[0]))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from operators.candidates import CandidateSampler, contexts
+from operators.rollout import Rollout
 from operators.seeds import load_seeds
 from operators.selfchat import SelfChat
 from schemas.tables import CANDIDATES, CONVERSATIONS
+from serving.protocols import Request, Sampling
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,47 @@ def test_candidates_have_distinct_seeds_and_trace_to_seeds(engine, conversations
         texts = [" ".join(r["reply"].split()).casefold() for r in group]
         assert [r["is_duplicate"] for r in group] == [t in texts[:k] for k, t in enumerate(texts)]
     assert sum(not r["is_duplicate"] for r in table.to_pylist()) > len(rows)
+
+
+def test_stream_matches_chat_and_runs_follow_ups_in_the_same_batch(engine):
+    first = Request("first", [{"role": "user", "content": "Name a colour."}], Sampling(n=2, max_tokens=16, seed=5))
+    follow_up = Request("follow-up", [{"role": "user", "content": "Name a fruit."}],
+                        Sampling(max_tokens=16, seed=6))
+    others = [Request(f"other-{k}", [{"role": "user", "content": f"Count to {k}."}], Sampling(max_tokens=24, seed=k))
+              for k in range(3)]
+    got: dict[str, list] = {}
+
+    def on_done(request, completions):
+        got[request.key] = completions
+        return [follow_up] if request.key == "first" else []
+    engine.stream([first, *others], on_done)
+    assert set(got) == {"first", "follow-up", *(r.key for r in others)}
+    for request in [first, follow_up, *others]:
+        assert got[request.key] == engine.chat([request.conversation], request.sampling)[0]
+    assert len(got["first"]) == 2
+
+
+def test_a_failing_callback_aborts_the_requests_in_flight(engine):
+    requests = [Request(k, [{"role": "user", "content": f"Tell a story about {k}."}], Sampling(max_tokens=64, seed=1))
+                for k in ("cats", "ships", "rain")]
+
+    def on_done(request, completions):
+        raise RuntimeError(f"callback failed on {request.key}")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        engine.stream(requests, on_done)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    assert engine.chat([requests[0].conversation], Sampling(max_tokens=4, seed=1))[0][0].num_tokens > 0
+
+
+def test_rollout_samples_the_last_contexts_alongside_self_chat(engine, seeds, selfchat):
+    rollout = Rollout(selfchat, CandidateSampler(n=3, max_tokens=32, seed=5), "last")
+    out = rollout(seeds, engine)
+    assert out.conversations.schema == CONVERSATIONS and out.candidates.schema == CANDIDATES
+    rows = contexts(out.conversations, "last")
+    assert out.candidates.column("context_id").to_pylist() == [r["context_id"] for r in rows for _ in range(3)]
+    assert out.candidates.column("sampling_seed").to_pylist() == [5, 6, 7] * len(rows)
+    for candidate in out.candidates.to_pylist():
+        assert candidate["context"][-1]["role"] == "user" and candidate["reply"].strip()
+    again = rollout(seeds, engine)
+    assert again.conversations.to_pylist() == out.conversations.to_pylist()
+    assert again.candidates.to_pylist() == out.candidates.to_pylist()

@@ -6,7 +6,7 @@ import pytest
 
 from operators.candidates import CandidateSampler, contexts
 from operators.selfchat import SelfChat, parse_user_turn, simulator_prompt
-from tests.fakes import ScriptedLM
+from tests.fakes import ScriptedLM, StreamingScriptedLM
 
 SEEDS = [{"seed_id": f"s{i}", "question": f"Question {i}?", "persona": "a tester"} for i in range(3)]
 
@@ -96,21 +96,16 @@ def test_candidates_per_context_with_seeds_and_duplicates():
     assert again.column("candidate_id") == table.column("candidate_id")
 
 
-class AsyncScriptedLM(ScriptedLM):
-    """The scripted model with `achat`, so SelfChat takes its per-conversation async driver."""
+def varied(conv, sampling, k):
+    if is_simulator(conv):
+        return "User: [END]" if "Question 1?" in conv[1]["content"] else f"User: Why {sampling.seed}?"
+    return "Because " * (3 + sampling.seed) + f"sample {k}"
 
-    async def achat(self, conversation, sampling):
-        return self.chat([conversation], sampling)[0]
 
-
-def test_the_async_driver_makes_the_same_conversations():
-    def varied(conv, sampling, k):
-        if is_simulator(conv):
-            return "User: [END]" if "Question 1?" in conv[1]["content"] else f"User: Why {sampling.seed}?"
-        return "Because " * (3 + sampling.seed)
-    sync = SelfChat(max_turns=3, token_budget=15)(SEEDS, ScriptedLM(varied))
-    lm = AsyncScriptedLM(varied)
-    asynchronous = SelfChat(max_turns=3, token_budget=15)(SEEDS, lm)
-    assert asynchronous.to_pylist() == sync.to_pylist()
+def test_the_streaming_driver_makes_the_same_conversations():
+    waves = SelfChat(max_turns=3, token_budget=15)(SEEDS, ScriptedLM(varied))
+    lm = StreamingScriptedLM(varied)
+    streamed = SelfChat(max_turns=3, token_budget=15)(SEEDS, lm)
+    assert streamed.to_pylist() == waves.to_pylist()
     assert all(n == 1 for n, _ in lm.calls)  # one conversation per request
-    assert {r["ended_by"] for r in sync.to_pylist()} == {"user_ended", "token_budget"}
+    assert {r["ended_by"] for r in waves.to_pylist()} == {"user_ended", "token_budget"}

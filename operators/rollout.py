@@ -1,0 +1,78 @@
+"""Self-chat and candidate sampling as one request stream.
+
+Run one after the other, candidate sampling waits for the slowest conversation and self-chat's later
+turns run in small batches (only as many requests as there are conversations). Here the candidates of a
+context are requested the moment that context is known: for the last context of a conversation, as soon
+as its final user turn exists, so they run alongside the final assistant reply to the same prompt (which
+the engine's prefix cache shares) and keep the batch full. Same seeds, same rows as running
+`SelfChat` and then `CandidateSampler` on `contexts(conversations, which)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+
+from operators.candidates import CandidateSampler, context_row
+from operators.selfchat import Dialogues, Progress, SelfChat
+from operators.streams import run_requests
+from schemas.tables import CANDIDATES
+from serving.protocols import Completion, LanguageModel, Request
+
+
+@dataclass(frozen=True)
+class RolloutTables:
+    conversations: pa.Table
+    candidates: pa.Table
+
+
+@dataclass(frozen=True)
+class Rollout:
+    selfchat: SelfChat = field(default_factory=SelfChat)
+    sampler: CandidateSampler = field(default_factory=CandidateSampler)
+    contexts: str = "last"
+
+    def __post_init__(self):
+        if self.contexts not in {"all", "last"}:
+            raise ValueError(f"contexts must be 'all' or 'last', got {self.contexts!r}")
+
+    def __call__(self, seeds: list[dict], assistant: LanguageModel, simulator: LanguageModel | None = None,
+                 progress: Progress | None = None) -> RolloutTables:
+        """Conversations (one per seed) and the candidates of their contexts; candidates come from the
+        assistant model."""
+        simulator = simulator or assistant
+        dialogues = Dialogues(self.selfchat, seeds, progress)
+        asked: set[tuple[int, int]] = set()
+        rows: dict[tuple[int, int], list[dict]] = {}
+
+        def on_done(request: Request, completions: list[Completion]) -> list[Request]:
+            kind, i, end = request.key
+            if kind == "candidates":
+                rows[i, end] = self.sampler.rows(self._context(dialogues, i, end), completions, assistant.name)
+                return []
+            return [*dialogues.take(request, completions), *self._candidate_requests(dialogues, i, asked)]
+
+        first = dialogues.first_requests()
+        first += [r for i in range(len(seeds)) for r in self._candidate_requests(dialogues, i, asked)]
+        run_requests({"assistant": assistant, "simulator": simulator}, first, on_done)
+        candidates = [row for key in sorted(rows) for row in rows[key]]
+        return RolloutTables(dialogues.table(assistant.name, simulator.name),
+                             pa.Table.from_pylist(candidates, schema=CANDIDATES))
+
+    def _candidate_requests(self, dialogues: Dialogues, i: int, asked: set[tuple[int, int]]) -> Iterator[Request]:
+        """Requests for conversation i's contexts that are known now and were not asked for yet."""
+        messages = dialogues.messages(i)
+        ends = [k for k, m in enumerate(messages) if m["role"] == "user"]
+        if self.contexts == "last":
+            ends = ends[-1:] if dialogues.last_context_known(i) else []
+        for end in ends:
+            if (i, end) not in asked:
+                asked.add((i, end))
+                yield Request(("candidates", i, end), list(messages[: end + 1]), self.sampler.sampling, "assistant")
+
+    @staticmethod
+    def _context(dialogues: Dialogues, i: int, end: int) -> dict:
+        conversation_id = dialogues.chat.conversation_id(dialogues.seed_id(i))
+        return context_row(conversation_id, dialogues.seed_id(i), dialogues.messages(i), end)
