@@ -167,12 +167,17 @@ class ClaimCritic:
             state.start_round(round_no, parse_claims(raw))
         pending = [(s, claim) for s in states for claim in s.current["claims"]]
         evidence = [self._evidence(s, c["claim"], index) for s, c in pending]
-        outputs = self._chat([verdict_prompt(c["claim"], e) for (s, c), e in zip(pending, evidence)], lm,
-                             VERDICT_SCHEMA)
-        for (state, claim), ev, raw in zip(pending, evidence, outputs):
-            state.set_verdict(claim, parse_verdict(raw), ev)
+        verdicts = self.judge([c["claim"] for _, c in pending], evidence, lm)
+        for (state, claim), ev, verdict in zip(pending, evidence, verdicts):
+            state.set_verdict(claim, verdict, ev)
         for state in states:
             state.finish_round(self.weights)
+
+    def judge(self, claims: list[str], evidence: list[list[str]], lm: LanguageModel) -> list[Parsed]:
+        """The evaluator alone: a (verdict, critique) per claim against its evidence, or null + reason."""
+        outputs = self._chat([verdict_prompt(c, e) for c, e in zip(claims, evidence, strict=True)], lm,
+                             VERDICT_SCHEMA)
+        return [parse_verdict(raw) for raw in outputs]
 
     def _evidence(self, state: _Critique, claim: str, index: DocumentIndex | None) -> list[str]:
         found = index.search(claim, self.evidence_k) if index else []

@@ -36,6 +36,20 @@ def test_verdict_prompt_lists_the_evidence():
     assert "(no evidence found)" in verdict_prompt(WALL, [])[1]["content"]
 
 
+def test_judge_alone_returns_one_verdict_per_claim_against_its_evidence():
+    def script(conv, sampling, k):
+        assert sampling.json_schema is not None and sampling.temperature == 0.0
+        text = conv[1]["content"]
+        if "1975" in text:
+            return '{"critique": "says 1989", "verdict": "contradicted"}' if SOURCE in text else "{broken"
+        return '{"critique": "ok", "verdict": "supported"}'
+    verdicts = ClaimCritic().judge([WALL, "It divided Berlin.", WALL], [[SOURCE], [], []], ScriptedLM(script))
+    assert [v.value for v in verdicts] == [("contradicted", "says 1989"), ("supported", "ok"), None]
+    assert verdicts[2].error.startswith("malformed JSON") and verdicts[2].raw == "{broken"
+    with pytest.raises(ValueError):
+        ClaimCritic().judge([WALL], [], ScriptedLM(script))
+
+
 def test_remove_verbatim_drops_the_sentence():
     assert remove_verbatim(f"{WALL} It divided Berlin.", WALL) == "It divided Berlin."
     assert remove_verbatim("Nothing here.", WALL) == "Nothing here."
