@@ -100,12 +100,14 @@ class VLLMEngine:
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
         self._request_ids = itertools.count()
+        self._streaming = False
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
+        self._not_inside_stream("chat")
         if not conversations:
             return []
         outputs = self.llm.chat([list(c) for c in conversations], sampling_params(sampling), use_tqdm=False)
@@ -117,6 +119,7 @@ class VLLMEngine:
         still in flight are aborted and the error propagates."""
         from vllm.sampling_params import RequestOutputKind
 
+        self._not_inside_stream("stream")
         engine = self.llm.llm_engine
         in_flight: dict[str, Request] = {}
 
@@ -128,6 +131,7 @@ class VLLMEngine:
                 engine.add_request(request_id, self.chat_prompt(request.conversation), params)
                 in_flight[request_id] = request
 
+        self._streaming = True
         try:
             add(requests)
             while in_flight:
@@ -138,6 +142,14 @@ class VLLMEngine:
             if in_flight:
                 engine.abort_request(list(in_flight))
             raise
+        finally:
+            self._streaming = False
+
+    def _not_inside_stream(self, method: str) -> None:
+        """The engine steps for one caller at a time: a nested call would take the stream's outputs."""
+        if self._streaming:
+            raise RuntimeError(f"VLLMEngine.{method}() called while stream() is running (from on_done?); "
+                               "return follow-up Requests from on_done instead")
 
     def chat_prompt(self, conversation: Conversation):
         """The token ids `LLM.chat` would send for this conversation (template text, no extra specials)."""
@@ -157,6 +169,7 @@ class VLLMEngine:
 
     def score_token_ids(self, prompts: Sequence[ScoringPrompt]) -> list[list[float]]:
         """Log-probabilities of each prompt's continuation ids, read from vLLM's prompt logprobs."""
+        self._not_inside_stream("score")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

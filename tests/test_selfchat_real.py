@@ -106,6 +106,17 @@ def test_a_failing_callback_aborts_the_requests_in_flight(engine):
     assert engine.chat([requests[0].conversation], Sampling(max_tokens=4, seed=1))[0][0].num_tokens > 0
 
 
+def test_calling_the_engine_from_inside_its_stream_fails_clearly(engine):
+    request = Request("a", [{"role": "user", "content": "Say hi."}], Sampling(max_tokens=8, seed=1))
+
+    def on_done(request, completions):
+        return engine.chat([request.conversation], request.sampling)  # would steal the stream's outputs
+    with pytest.raises(RuntimeError, match=r"chat\(\) called while stream\(\) is running"):
+        engine.stream([request, Request("b", request.conversation, Sampling(max_tokens=32, seed=2))], on_done)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    assert engine.chat([request.conversation], request.sampling)[0][0].num_tokens > 0
+
+
 def test_rollout_samples_the_last_contexts_alongside_self_chat(engine, seeds, selfchat):
     rollout = Rollout(selfchat, CandidateSampler(n=3, max_tokens=32, seed=5), "last")
     out = rollout(seeds, engine)
