@@ -20,12 +20,14 @@ def contexts(conversations: pa.Table, which: str = "all") -> list[dict]:
     """Context rows from conversations: every prefix ending in a user turn (`all`) or only the last."""
     if which not in {"all", "last"}:
         raise ValueError(f"contexts must be 'all' or 'last', got {which!r}")
-    out = []
-    for conv in conversations.to_pylist():
-        ends = [k for k, m in enumerate(conv["messages"]) if m["role"] == "user"]
-        for end in ends if which == "all" else ends[-1:]:
-            out.append(context_row(conv["conversation_id"], conv["seed_id"], conv["messages"], end))
-    return out
+    return [context_row(conv["conversation_id"], conv["seed_id"], conv["messages"], end)
+            for conv in conversations.to_pylist() for end in context_ends(conv["messages"], which)]
+
+
+def context_ends(messages: list[dict], which: str) -> list[int]:
+    """Indices of the user turns that end a context: every one (`all`) or only the last."""
+    ends = [k for k, m in enumerate(messages) if m["role"] == "user"]
+    return ends if which == "all" else ends[-1:]
 
 
 def context_row(conversation_id: str, seed_id: str, messages: list[dict], end: int) -> dict:

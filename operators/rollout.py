@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from operators.candidates import CandidateSampler, context_row
+from operators.candidates import CandidateSampler, context_ends, context_row
 from operators.selfchat import Dialogues, Progress, SelfChat
 from operators.streams import run_requests
 from schemas.tables import CANDIDATES
@@ -63,11 +63,10 @@ class Rollout:
 
     def _candidate_requests(self, dialogues: Dialogues, i: int, asked: set[tuple[int, int]]) -> Iterator[Request]:
         """Requests for conversation i's contexts that are known now and were not asked for yet."""
+        if self.contexts == "last" and not dialogues.last_context_known(i):
+            return
         messages = dialogues.messages(i)
-        ends = [k for k, m in enumerate(messages) if m["role"] == "user"]
-        if self.contexts == "last":
-            ends = ends[-1:] if dialogues.last_context_known(i) else []
-        for end in ends:
+        for end in context_ends(messages, self.contexts):
             if (i, end) not in asked:
                 asked.add((i, end))
                 yield Request(("candidates", i, end), list(messages[: end + 1]), self.sampler.sampling, "assistant")

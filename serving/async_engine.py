@@ -17,7 +17,14 @@ import time
 from typing import Iterable, Sequence
 
 from schemas.config import EngineConfig
-from serving.engine import bind_cpu_threads, continuation_logprobs, engine_kwargs, sampling_params
+from serving.engine import (
+    bind_cpu_threads,
+    chat_prompt,
+    completions,
+    continuation_logprobs,
+    engine_kwargs,
+    sampling_params,
+)
 from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling
 from serving.render import hf_render, hf_tokenize, scoring_prompts
 
@@ -52,7 +59,7 @@ class AsyncVLLMEngine:
 
     async def achat(self, conversation: Conversation, sampling: Sampling) -> list[Completion]:
         """`sampling.n` completions of one conversation; awaitable from any event loop."""
-        prompt = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+        prompt = chat_prompt(self.tokenizer, conversation)
         future = asyncio.run_coroutine_threadsafe(self._generate(prompt, sampling), self._loop)
         return await asyncio.wrap_future(future)
 
@@ -100,7 +107,7 @@ class AsyncVLLMEngine:
             return await asyncio.gather(*(one(p) for p in prompts))
         return self._run(everything())
 
-    async def _generate(self, prompt: str, sampling: Sampling) -> list[Completion]:
+    async def _generate(self, prompt, sampling: Sampling) -> list[Completion]:
         from vllm.sampling_params import RequestOutputKind
 
         params = sampling_params(sampling)
@@ -108,7 +115,7 @@ class AsyncVLLMEngine:
         final = None
         async for out in self.llm.generate(prompt, params, f"chat-{next(self._ids)}"):
             final = out
-        return [Completion(o.text, len(o.token_ids), o.finish_reason or "stop") for o in final.outputs]
+        return completions(final)
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

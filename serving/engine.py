@@ -128,7 +128,7 @@ class VLLMEngine:
                 request_id = f"stream-{next(self._request_ids)}"
                 params = sampling_params(request.sampling)
                 params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
-                engine.add_request(request_id, self.chat_prompt(request.conversation), params)
+                engine.add_request(request_id, chat_prompt(self.tokenizer, request.conversation), params)
                 in_flight[request_id] = request
 
         self._streaming = True
@@ -151,13 +151,6 @@ class VLLMEngine:
             raise RuntimeError(f"VLLMEngine.{method}() called while stream() is running (from on_done?); "
                                "return follow-up Requests from on_done instead")
 
-    def chat_prompt(self, conversation: Conversation):
-        """The token ids `LLM.chat` would send for this conversation (template text, no extra specials)."""
-        from vllm.inputs import TokensPrompt
-
-        text = self.tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
-        return TokensPrompt(prompt_token_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def score(self, conversations: Sequence[Conversation], continuations: Sequence[Message]) -> list[list[float]]:
         prompts = self.scoring_prompts(conversations, continuations)
         return self.score_token_ids(prompts)
@@ -177,6 +170,14 @@ class VLLMEngine:
         inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         return [continuation_logprobs(p, out.prompt_logprobs) for p, out in zip(prompts, outputs)]
+
+
+def chat_prompt(tokenizer, conversation: Conversation):
+    """The token ids `LLM.chat` would send for this conversation (template text, no extra specials)."""
+    from vllm.inputs import TokensPrompt
+
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    return TokensPrompt(prompt_token_ids=tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def completions(output) -> list[Completion]:
