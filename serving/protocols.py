@@ -31,6 +31,12 @@ class Sampling:
     json_schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
 
+# The finish reason of a request whose prompt (plus its max_tokens) does not fit the model's context window:
+# every backend answers it with empty completions instead of failing the batch, so the operator can end
+# that conversation or reject that candidate with this reason while the rest of the batch goes on.
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
