@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from schemas.config import EngineConfig
 from serving.models import resolve_model
-from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling
+from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, Message, OnDone, Request, Sampling
 from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 GPU_KV_CACHE_FRACTION = 0.85
@@ -86,8 +87,24 @@ def sampling_params(sampling: Sampling):
     )
 
 
+class _Caller:
+    """One `stream()`/`chat()`/`score` call on a shared engine: how many of its requests are in flight, and
+    the error that ended it (its `on_done` raised, or the engine failed)."""
+
+    def __init__(self):
+        self.pending = 0
+        self.error: BaseException | None = None
+
+
 class VLLMEngine:
-    """A `StreamingLanguageModel` backed by one in-process `vllm.LLM`."""
+    """A `StreamingLanguageModel` backed by one in-process `vllm.LLM`.
+
+    Many threads may use one engine at once (the flow runs shards as concurrent tasks): every `stream`,
+    `chat` and `score` call adds its requests to the same continuous batch, and whichever caller holds the
+    engine steps it for all of them, handing each finished request to its own caller's callback. So the
+    shards an engine holds form one request stream, as if they were one big shard. vLLM's engine is not
+    thread-safe (its request socket, its output processor), so only the caller holding the turn touches it.
+    """
 
     def __init__(self, config: EngineConfig = EngineConfig()):
         from vllm import LLM
@@ -100,8 +117,12 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._request_ids = itertools.count()
-        self._streaming = False
+        self._turn = threading.Condition()  # guards _busy and _in_flight
+        self._busy = False  # a caller holds the engine (adds requests or steps it)
+        self._in_flight: dict[str, tuple[Any, _Caller]] = {}
+        self._local = threading.local()  # .holding: this thread holds the engine (inside a callback)
 
     def close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit. vLLM's default grace is
@@ -110,47 +131,113 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown(timeout=timeout)
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
+        """`sampling.n` completions per conversation; joins the engine's running batch like `stream`."""
         self._not_inside_stream("chat")
-        if not conversations:
+        results: list[list[Completion]] = [[] for _ in conversations]
+
+        def done(request: Request, out: list[Completion]) -> list[Request]:
+            results[request.key] = out
             return []
-        outputs = self.llm.chat([list(c) for c in conversations], sampling_params(sampling), use_tqdm=False)
-        return [completions(out) for out in outputs]
+
+        self.stream([Request(i, list(c), sampling) for i, c in enumerate(conversations)], done)
+        return results
 
     def stream(self, requests: Iterable[Request], on_done: OnDone) -> None:
         """Run a request stream in the engine's continuous batch: whenever a request finishes, its
-        follow-ups from `on_done` are added before the next engine step. If `on_done` raises, the requests
-        still in flight are aborted and the error propagates."""
+        follow-ups from `on_done` are added before the next engine step. A request whose prompt and
+        `max_tokens` do not fit the context window is answered at once with empty `PROMPT_TOO_LONG`
+        completions (the rest go on). If `on_done` raises, this caller's requests still in flight are
+        aborted and the error propagates; other callers of the engine are not affected."""
+        self._not_inside_stream("stream")
+
+        def work(request: Request) -> tuple[Any, Any, Callable[[Any], list]]:
+            prompt = chat_prompt(self.tokenizer, request.conversation)
+            if len(prompt["prompt_token_ids"]) + request.sampling.max_tokens > self.max_model_len:
+                return None, None, lambda _: [work(r) for r in on_done(request, too_long(request.sampling))]
+            params = sampling_params(request.sampling)
+            return prompt, params, lambda out: [work(r) for r in on_done(request, completions(out))]
+
+        self._run(lambda: [work(r) for r in requests])
+
+    def _run(self, first: Callable[[], list]) -> None:
+        """Add `first()`'s work items to the shared batch and step the engine (taking turns with the other
+        callers) until none of this caller's requests is left in flight. A work item is (prompt, params,
+        deliver): `deliver(finished output)` returns the follow-up items; a None prompt is delivered at once."""
         from vllm.sampling_params import RequestOutputKind
 
-        self._not_inside_stream("stream")
+        caller = _Caller()
         engine = self.llm.llm_engine
-        in_flight: dict[str, Request] = {}
 
-        def add(batch: Iterable[Request]) -> None:
-            for request in batch:
+        def add(items: list) -> None:
+            while items:
+                prompt, params, deliver = items.pop(0)
+                if prompt is None:
+                    items.extend(deliver(None))
+                    continue
                 request_id = f"stream-{next(self._request_ids)}"
-                params = sampling_params(request.sampling)
                 params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
-                engine.add_request(request_id, chat_prompt(self.tokenizer, request.conversation), params)
-                in_flight[request_id] = request
+                engine.add_request(request_id, prompt, params)
+                self._in_flight[request_id] = (deliver, caller)
+                caller.pending += 1
 
-        self._streaming = True
-        try:
-            add(requests)
-            while in_flight:
-                for out in engine.step():
-                    if out.finished:
-                        add(on_done(in_flight.pop(out.request_id), completions(out)))
-        except BaseException:
-            if in_flight:
-                engine.abort_request(list(in_flight))
-            raise
-        finally:
-            self._streaming = False
+        def step() -> None:
+            for out in engine.step():
+                if not out.finished or out.request_id not in self._in_flight:
+                    continue
+                deliver, owner = self._in_flight.pop(out.request_id)
+                owner.pending -= 1
+                if owner.error is not None:
+                    continue
+                try:
+                    add(deliver(out))
+                except BaseException as e:  # this owner's callback failed: end only that owner
+                    owner.error = e
+                    self._abort(owner)
+
+        started = False
+        while True:
+            with self._turn:
+                while self._busy and (not started or (caller.pending and caller.error is None)):
+                    self._turn.wait()
+                if started and (not caller.pending or caller.error is not None):
+                    break
+                self._busy = True
+            self._local.holding = True
+            try:
+                if not started:
+                    started = True
+                    try:
+                        add(first())
+                    except BaseException as e:
+                        caller.error = e
+                        self._abort(caller)
+                else:
+                    step()
+            except BaseException as e:  # the engine itself failed: every caller waiting on it fails
+                for _, owner in list(self._in_flight.values()):
+                    owner.error = owner.error or e
+                    owner.pending = 0
+                self._in_flight.clear()
+                caller.error = caller.error or e
+            finally:
+                self._local.holding = False
+                with self._turn:
+                    self._busy = False
+                    self._turn.notify_all()
+        if caller.error is not None:
+            raise caller.error
+
+    def _abort(self, owner: _Caller) -> None:
+        ids = [rid for rid, (_, o) in self._in_flight.items() if o is owner]
+        for rid in ids:
+            del self._in_flight[rid]
+        owner.pending = 0
+        if ids:
+            self.llm.llm_engine.abort_request(ids)
 
     def _not_inside_stream(self, method: str) -> None:
-        """The engine steps for one caller at a time: a nested call would take the stream's outputs."""
-        if self._streaming:
+        """A callback runs while its thread holds the engine: a nested call there would wait for itself."""
+        if getattr(self._local, "holding", False):
             raise RuntimeError(f"VLLMEngine.{method}() called while stream() is running (from on_done?); "
                                "return follow-up Requests from on_done instead")
 
@@ -168,15 +255,33 @@ class VLLMEngine:
         return scoring_prompts(hf_render(self.tokenizer), hf_tokenize(self.tokenizer), conversations, continuations)
 
     def score_token_ids(self, prompts: Sequence[ScoringPrompt]) -> list[list[float]]:
-        """Log-probabilities of each prompt's continuation ids, read from vLLM's prompt logprobs."""
+        """Log-probabilities of each prompt's continuation ids, read from vLLM's prompt logprobs (in the
+        shared batch, like `stream`)."""
         self._not_inside_stream("score")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        inputs = [TokensPrompt(prompt_token_ids=p.token_ids) for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
-        return [continuation_logprobs(p, out.prompt_logprobs) for p, out in zip(prompts, outputs)]
+        for p in prompts:
+            if len(p.token_ids) >= self.max_model_len:
+                raise ValueError(f"a scoring prompt of {len(p.token_ids)} tokens does not fit the context window "
+                                 f"of {self.max_model_len} tokens (engine.max_model_len)")
+        results: list[list[float]] = [[] for _ in prompts]
+
+        def item(i: int, prompt: ScoringPrompt):
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+
+            def deliver(out) -> list:
+                results[i] = continuation_logprobs(prompt, out.prompt_logprobs)
+                return []
+            return TokensPrompt(prompt_token_ids=prompt.token_ids), params, deliver
+
+        self._run(lambda: [item(i, p) for i, p in enumerate(prompts)])
+        return results
+
+
+def too_long(sampling: Sampling) -> list[Completion]:
+    """The answer to a request that does not fit the context window: `n` empty completions."""
+    return [Completion("", 0, PROMPT_TOO_LONG) for _ in range(sampling.n)]
 
 
 def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:

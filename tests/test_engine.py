@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from serving.protocols import Sampling
+from serving.protocols import Completion, Sampling
 
 QUESTION = [{"role": "user", "content": "Name three uses of copper."}]
 
@@ -104,3 +104,71 @@ def test_count_tokens_is_the_tokenizers_count_without_special_tokens(engine, hf_
     texts = ["Why is the sky blue?", "", "Rayleigh scattering grows with the inverse fourth power of wavelength."]
     assert engine.count_tokens(texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert engine.count_tokens([]) == []
+
+
+def _turns(engine, seeds: list[int], errors: dict | None = None) -> dict:
+    """A small two-step request stream per seed (a reply, then a follow-up on it), run with `stream`."""
+    from serving.protocols import Request
+
+    out: dict = {}
+
+    def on_done(request, completions):
+        seed, turn = request.key
+        out[request.key] = completions[0].text
+        if errors is not None and turn == 0 and seed in errors:
+            raise errors[seed]
+        if turn == 0:
+            conversation = [*request.conversation, {"role": "assistant", "content": completions[0].text},
+                            {"role": "user", "content": "Say it shorter."}]
+            return [Request((seed, 1), conversation, Sampling(seed=seed, max_tokens=8))]
+        return []
+
+    engine.stream([Request((s, 0), [{"role": "user", "content": f"Count to {s}."}], Sampling(seed=s, max_tokens=8))
+                   for s in seeds], on_done)
+    return out
+
+
+def test_streams_from_many_threads_share_the_engine_and_match_running_alone(engine):
+    """Concurrent shards on one engine: every caller gets exactly its own results, equal to a lone run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = [_turns(engine, [s, s + 10]) for s in range(1, 5)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda s: _turns(engine, [s, s + 10]), range(1, 5)))
+    assert together == alone
+    assert all(len(r) == 4 for r in together)
+
+
+def test_a_failing_caller_does_not_stop_the_others(engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(_turns, engine, [1, 2], {1: ValueError("caller bug")})
+        fine = pool.submit(_turns, engine, [3, 4])
+        with pytest.raises(ValueError, match="caller bug"):
+            failing.result()
+        assert len(fine.result()) == 4
+    assert len(_turns(engine, [5])) == 2  # the engine still serves after an aborted caller
+
+
+def test_a_prompt_over_the_context_window_is_answered_prompt_too_long_and_the_batch_goes_on(engine):
+    from serving.protocols import PROMPT_TOO_LONG
+
+    too_long = [{"role": "user", "content": "word " * (engine.max_model_len + 10)}]
+    fits_only_without_max_tokens = [{"role": "user", "content": "word " * (engine.max_model_len - 60)}]
+    replies = engine.chat([QUESTION, too_long, fits_only_without_max_tokens, QUESTION],
+                          Sampling(n=2, seed=4, max_tokens=64))
+    assert replies[1] == replies[2] == [Completion("", 0, PROMPT_TOO_LONG)] * 2
+    assert replies[0] == replies[3] and all(c.num_tokens > 0 for c in replies[0])
+
+
+def test_calling_the_engine_from_a_callback_is_refused_not_a_deadlock(engine):
+    from serving.protocols import Request
+
+    def on_done(request, completions):
+        engine.chat([QUESTION], Sampling(max_tokens=4))
+        return []
+
+    with pytest.raises(RuntimeError, match="on_done"):
+        engine.stream([Request(0, QUESTION, Sampling(max_tokens=4))], on_done)
+    assert len(engine.chat([QUESTION], Sampling(max_tokens=4))[0]) == 1
