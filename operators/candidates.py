@@ -2,7 +2,9 @@
 
 Sample k of a context uses seed `seed + k` (vLLM gives each of the n samples of a seeded request its
 own seed this way), recorded per row. Replies identical to an earlier sample of the same context
-(after whitespace and case folding) are flagged `is_duplicate`.
+(after whitespace and case folding) are flagged `is_duplicate`. A context that does not fit the model's
+context window with `max_tokens` gets its n rows all the same: empty replies finished `PROMPT_TOO_LONG`, so
+the context is on record and pair mining rejects it with that reason.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pyarrow as pa
 
 from operators.ids import stable_id
 from schemas.tables import CANDIDATES
-from serving.protocols import Completion, LanguageModel, Sampling
+from serving.protocols import PROMPT_TOO_LONG, Completion, LanguageModel, Sampling
 
 
 def contexts(conversations: pa.Table, which: str = "all") -> list[dict]:
@@ -64,7 +66,7 @@ class CandidateSampler:
         rows, seen = [], set()
         for k, reply in enumerate(samples):
             key = " ".join(reply.text.split()).casefold()
-            rows.append(self._row(ctx, k, reply, key in seen, model))
+            rows.append(self._row(ctx, k, reply, key in seen and reply.finish_reason != PROMPT_TOO_LONG, model))
             seen.add(key)
         return rows
 

@@ -8,7 +8,9 @@ generator is asked, without evidence, whether the claim is true, and the claim i
 "true". Evidence longer than `max_evidence_tokens` is narrowed to its passages most relevant to the claim, so
 one long source document cannot push a prompt past the model's context. The revised response is judged again
 in the next round, up to `rounds` revisions. A model output that does not parse never fails the batch: the
-field is null, the raw output and the reason are kept.
+field is null, the raw output and the reason are kept. A request that does not fit the model's context window
+(`PROMPT_TOO_LONG`) is such a failure too, with that reason; a candidate that was never sampled for that reason
+is not critiqued.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pyarrow as pa
 
 from operators.retrieval import DocumentIndex, tokens
 from schemas.tables import CRITIQUES
-from serving.protocols import Conversation, LanguageModel, Message, Sampling
+from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Sampling
 
 VERDICTS = ("supported", "contradicted", "unverifiable")
 # String lengths are bounded in the schemas: a small model at temperature 0 can loop inside a string until
@@ -37,6 +39,7 @@ VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": [
 KNOWS_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer"],
                 "properties": {"answer": {"enum": ["true", "false", "unknown"]}}}
 PASSAGE_CHARS = 600  # the longest passage a long evidence text is cut into
+TOO_LONG = f"{PROMPT_TOO_LONG}: the request does not fit the model's context window"
 
 
 TokenCount = Callable[[Sequence[str]], list[int]]
@@ -111,6 +114,14 @@ def parse_verdict(raw: str) -> Parsed:
 def parse_knows(raw: str) -> Parsed:
     parsed = parse_json(raw, "answer", lambda v: v in ("true", "false", "unknown"))
     return parsed if parsed.error else Parsed(parsed.value["answer"], None, raw)
+
+
+def parse_output(completion: Completion, parse: Callable[[str], Parsed]) -> Parsed:
+    """`parse` of the completion's text; a request the model could not take (its prompt did not fit the
+    context window) is a failure with that reason, not a parse error of an empty output."""
+    if completion.finish_reason == PROMPT_TOO_LONG:
+        return Parsed(None, TOO_LONG, completion.text)
+    return parse(completion.text)
 
 
 def remove_verbatim(response: str, claim: str) -> str:
@@ -215,9 +226,14 @@ class ClaimCritic:
                  index: DocumentIndex | None = None) -> pa.Table:
         docs = documents_by_seed or {}
         states = [_Critique(c, c["reply"], docs.get(c.get("seed_id"), [])) for c in candidates]
+        for state in states:
+            if state.candidate.get("finish_reason") == PROMPT_TOO_LONG:
+                state.never_sampled()
         count = token_counter(lm)
         for round_no in range(self.rounds + 1):
             live = [s for s in states if s.live]
+            if not live:
+                break
             self._judge(live, lm, index, round_no, count)
             if round_no < self.rounds:
                 self._revise([s for s in live if s.flagged()], lm)
@@ -225,18 +241,18 @@ class ClaimCritic:
                     s.live = s.live and s.revised_this_round
         return pa.Table.from_pylist([s.row(lm.name) for s in states], schema=CRITIQUES)
 
-    def _chat(self, prompts: list[Conversation], lm: LanguageModel, schema: dict | None) -> list[str]:
+    def _chat(self, prompts: list[Conversation], lm: LanguageModel, schema: dict | None) -> list[Completion]:
         if not prompts:
             return []
         sampling = Sampling(n=1, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens, seed=self.seed,
                             json_schema=schema)
-        return [c[0].text for c in lm.chat(prompts, sampling)]
+        return [c[0] for c in lm.chat(prompts, sampling)]
 
     def _judge(self, states: list[_Critique], lm: LanguageModel, index: DocumentIndex | None, round_no: int,
                count: TokenCount) -> None:
         raws = self._chat([claims_prompt(s.question, s.response) for s in states], lm, CLAIMS_SCHEMA)
         for state, raw in zip(states, raws):
-            state.start_round(round_no, parse_claims(raw))
+            state.start_round(round_no, parse_output(raw, parse_claims))
         pending = [(s, claim) for s in states for claim in s.current["claims"]]
         claims = [c["claim"] for _, c in pending]
         evidence = self.fit([self._evidence(s, c["claim"], index) for s, c in pending], claims, count)
@@ -258,7 +274,7 @@ class ClaimCritic:
     def _verdicts(self, claims: list[str], evidence: list[list[str]], lm: LanguageModel) -> list[Parsed]:
         outputs = self._chat([verdict_prompt(c, e) for c, e in zip(claims, evidence, strict=True)], lm,
                              VERDICT_SCHEMA)
-        return [parse_verdict(raw) for raw in outputs]
+        return [parse_output(raw, parse_verdict) for raw in outputs]
 
     def _evidence(self, state: _Critique, claim: str, index: DocumentIndex | None) -> list[str]:
         found = index.search(claim, self.evidence_k) if index else []
@@ -268,8 +284,10 @@ class ClaimCritic:
         unverifiable = [(s, c) for s in states for c in s.current["claims"] if c["verdict"] == "unverifiable"]
         answers = self._chat([knows_prompt(c["claim"]) for _, c in unverifiable], lm, KNOWS_SCHEMA)
         for (state, claim), raw in zip(unverifiable, answers):
-            known = parse_knows(raw)
+            known = parse_output(raw, parse_knows)
             state.count_call(known)
+            if known.error == TOO_LONG:
+                claim["error"] = f"knows: {TOO_LONG}; the claim is removed"
             claim["action"] = "keep" if known.value == "true" else "remove"  # false, unknown or unparsed
         for state in states:
             for claim in state.current["claims"]:
@@ -277,9 +295,11 @@ class ClaimCritic:
                     claim["action"] = "fix"
         todo = [s for s in states if s.changes()]
         revised = self._chat([revise_prompt(s.question, s.response, *s.changes()) for s in todo], lm, None)
-        for state, text in zip(todo, revised):
+        for state, out in zip(todo, revised):
             state.count_call()
-            state.apply_revision(text)
+            if out.finish_reason == PROMPT_TOO_LONG:
+                state.note_edited(f"revise: {TOO_LONG}; the claim was removed without the model")
+            state.apply_revision(out.text)
 
 
 @dataclass
@@ -322,6 +342,19 @@ class _Critique:
             claim.update(raw_output=parsed.raw, error=parsed.error)
         else:
             claim["verdict"], claim["critique"] = parsed.value
+
+    def never_sampled(self) -> None:
+        """A candidate whose context did not fit the model's context window has no reply to critique: one
+        empty round says why, and no model call is made."""
+        self.live = False
+        self.rounds.append({"round": 0, "response": self.response, "claims": [], "score": None,
+                            "raw_output": None, "error": f"{PROMPT_TOO_LONG}: the candidate was never sampled"})
+
+    def note_edited(self, reason: str) -> None:
+        """Record `reason` on every claim the pending revision changes (those without an error yet)."""
+        for claim in self.current["claims"]:
+            if claim["action"] in ("fix", "remove") and not claim["error"]:
+                claim["error"] = reason
 
     def finish_round(self, weights: dict[str, float]) -> None:
         judged = [c for c in self.current["claims"] if c["verdict"]]

@@ -4,7 +4,9 @@ Signal", 2024).
 A reply is good when a satisfied user follow-up is likely after it and a dissatisfied one unlikely:
 reward = mean over positive follow-ups of their score − the same over negative ones, where a follow-up's
 score is the mean (or sum) of its per-token log-probabilities as the next user turn after context + reply.
-Per-aspect rewards (understanding, relevance, …) are kept beside the total.
+Per-aspect rewards (understanding, relevance, …) are kept beside the total. A candidate that was never
+sampled (its context did not fit the model's context window, finish reason `PROMPT_TOO_LONG`) has no reply
+to score and gets no reward row; pair mining rejects its context with that reason.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from schemas.tables import REWARDS
-from serving.protocols import ContinuationScorer, Message, ScoredPrefix
+from serving.protocols import PROMPT_TOO_LONG, ContinuationScorer, Message, ScoredPrefix
 
 DEFAULT_FOLLOWUPS = Path(__file__).with_name("data") / "followups.json"
 AGGREGATIONS = ("mean", "sum")
@@ -90,6 +92,9 @@ class FollowUpReward:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
     def __call__(self, candidates: list[dict], scorer: ContinuationScorer) -> pa.Table:
+        candidates = [c for c in candidates if c.get("finish_reason") != PROMPT_TOO_LONG]
+        if not candidates:
+            return REWARDS.empty_table()
         prefixes = [reply_prefix(c) for c in candidates]
         continuations = [Message(role="user", content=f.text) for f in self.followups]
         scored = scorer.score_continuations(prefixes, continuations, self.max_tokens)

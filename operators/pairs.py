@@ -16,7 +16,8 @@ Strategies (a pair is kept only at or above `min_margin`):
   `max_pairs_per_context`.
 Chosen and rejected are never the same text: identical replies are merged before mining. A context
 that cannot give a pair, and a candidate that cannot compete, becomes a `pair_rejects` row with the
-reason. Each pair keeps SPPO-style soft labels: P[i][j] = σ(s_i − s_j); `chosen_win_prob` =
+reason; a context whose candidates were never sampled because it does not fit the model's context window
+is one `prompt_too_long` row. Each pair keeps SPPO-style soft labels: P[i][j] = σ(s_i − s_j); `chosen_win_prob` =
 P[chosen][rejected]; each side's mean win probability over the other replies of the context.
 """
 
@@ -33,6 +34,7 @@ import pyarrow as pa
 from operators.gates import ECHO_THRESHOLD, reply_gate
 from operators.ids import stable_id
 from schemas.tables import CANDIDATES, PAIR_REJECTS, PAIRS
+from serving.protocols import PROMPT_TOO_LONG
 
 STRATEGIES = ("best_worst", "best_vs_random_lower", "all_above_margin")
 NORMALIZATIONS = ("pooled", "context", "none")
@@ -115,7 +117,11 @@ class PairMiner:
         reward_of = dict(zip(rewards.column("candidate_id").to_pylist(), rewards.column("reward").to_pylist()))
         factuality, origin = _factuality(critiques)
         contexts: dict[str, list[Scored]] = defaultdict(list)
+        too_long: dict[str, dict] = {}
         for row in sorted(candidates.to_pylist(), key=lambda r: r["candidate_id"]):
+            if row["finish_reason"] == PROMPT_TOO_LONG:
+                too_long.setdefault(row["context_id"], row)
+                continue
             problem = self._problem(row, reward_of, factuality, critiques is not None)
             if problem:
                 rejects.append(_reject(row, *problem))
@@ -123,6 +129,9 @@ class PairMiner:
             contexts[row["context_id"]].append(
                 Scored(row, reward_of[row["candidate_id"]], factuality.get(row["candidate_id"]),
                        origin.get(row["candidate_id"])))
+        rejects += [_context_reject(row, PROMPT_TOO_LONG, "the context does not fit the model's context window "
+                                    "with the candidates' max_tokens: no reply was sampled", 0, None)
+                    for _, row in sorted(too_long.items())]
         return {ctx: _distinct(group, rejects) for ctx, group in contexts.items()}
 
     def _problem(self, row: dict, reward_of: dict, factuality: dict, critiqued: bool) -> tuple[str, str] | None:

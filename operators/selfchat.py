@@ -4,8 +4,10 @@ The simulator is prompted with the persona and the transcript so far and asked f
 (why) and then the user's next message; the thought is stripped and never enters the conversation.
 All conversations start together and each one's next turn is requested the moment its last one ends
 (see `operators.streams`), so the engine always has every live conversation in its batch. A
-conversation stops at `max_turns` assistant replies, when its token budget is spent, or when the
-simulated user says it is done.
+conversation stops at `max_turns` assistant replies, when its token budget is spent, when the
+simulated user says it is done, or when a turn's prompt no longer fits the model's context window (the
+backend answers `PROMPT_TOO_LONG`: the conversation keeps the turns it has, `ended_by` says so, and the rest
+of the batch goes on).
 
 Quality gates (`operators.gates`) check every simulated-user turn: one that is empty, mostly repeats the
 assistant's last answer or an earlier user turn, or narrates ("The user explains ...") is sampled once
@@ -25,7 +27,7 @@ from operators.gates import ECHO_THRESHOLD, REPEAT_THRESHOLD, user_turn_gate
 from operators.ids import stable_id
 from operators.streams import run_requests
 from schemas.tables import CONVERSATIONS
-from serving.protocols import Completion, Conversation, LanguageModel, Message, Request, Sampling
+from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Request, Sampling
 
 END_MARK = "[END]"
 SIMULATOR_SYSTEM = (
@@ -181,6 +183,9 @@ class Dialogues:
         return Request(("user", i, turn), prompt, sampling, "simulator")
 
     def _take_reply(self, state: _State, reply: Completion) -> None:
+        if reply.finish_reason == PROMPT_TOO_LONG:
+            state.ended_by = PROMPT_TOO_LONG
+            return
         state.add("assistant", reply.text, reply.num_tokens)
         if state.tokens >= self.chat.token_budget:
             state.ended_by = "token_budget"
@@ -188,6 +193,9 @@ class Dialogues:
     def _take_user_turn(self, state: _State, out: Completion, turn: int) -> bool:
         """Add the simulated user's turn, or end the conversation; True when the turn failed a gate for
         the first time and should be sampled once more."""
+        if out.finish_reason == PROMPT_TOO_LONG:
+            state.ended_by = PROMPT_TOO_LONG
+            return False
         parsed = parse_user_turn(out.text)
         state.tokens += out.num_tokens
         said_end = parsed.ended and END_MARK.lower() in out.text.lower()
