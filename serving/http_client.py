@@ -3,6 +3,12 @@
 `chat` uses /v1/chat/completions (one request per conversation, sent concurrently); `score` sends token
 ids to /v1/completions with vLLM's `prompt_logprobs` extension, rendered locally with the model's own
 tokenizer so the ids match what the in-process engine scores.
+
+A chat request the server refuses because it does not fit the model's context window (vLLM: 400, "This
+model's maximum context length is ...") is answered as every backend answers it: `sampling.n` empty
+completions finished `PROMPT_TOO_LONG`, so one long conversation does not fail the batch. Every other
+error still raises. (vLLM's server shortens `max_tokens` to what is left of the window, so over HTTP only a
+prompt that alone fills the window comes back `PROMPT_TOO_LONG`; a shorter one ends `length`.)
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any, Sequence
 import httpx
 
 from serving.models import resolve_model
-from serving.protocols import Completion, Conversation, Message, Sampling
+from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, Message, Sampling
 from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 
@@ -46,7 +52,10 @@ class OpenAICompatibleClient:
         return self._map(self._score_one, prompts)
 
     def _chat_one(self, conversation: Conversation, body: dict[str, Any]) -> list[Completion]:
-        data = self._post("/chat/completions", {**body, "messages": list(conversation)})
+        try:
+            data = self._post("/chat/completions", {**body, "messages": list(conversation)})
+        except ContextWindowExceeded:
+            return [Completion("", 0, PROMPT_TOO_LONG)] * body["n"]
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [Completion(c["message"]["content"] or "", _completion_tokens(data, len(choices)),
                            c.get("finish_reason") or "stop") for c in choices]
@@ -61,12 +70,23 @@ class OpenAICompatibleClient:
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self.http.post(self.base_url + path, json=body)
         if response.status_code != 200:
-            raise RuntimeError(f"{self.base_url}{path} answered {response.status_code}: {response.text[:500]}")
+            error = ContextWindowExceeded if exceeds_context(response) else RuntimeError
+            raise error(f"{self.base_url}{path} answered {response.status_code}: {response.text[:500]}")
         return response.json()
 
     def _map(self, fn, items: Sequence) -> list:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(fn, items))
+
+
+class ContextWindowExceeded(RuntimeError):
+    """The server refused a request whose prompt does not fit the model's context window."""
+
+
+def exceeds_context(response: httpx.Response) -> bool:
+    """Whether an error answer is the OpenAI-compatible context-length refusal: a 400 whose message says
+    "maximum context length" (vLLM's wording in every version, and OpenAI's)."""
+    return response.status_code == 400 and "maximum context length" in response.text.lower()
 
 
 def chat_body(model: str, sampling: Sampling) -> dict[str, Any]:
