@@ -9,7 +9,10 @@ lives from a publish's first write to its commit, and the next publish that find
 
 A DuckDB metadata file admits one writing process at a time, so publishes take an exclusive file lock
 and readers a shared one; concurrent publishers queue and each lands as its own version. A team that
-needs many concurrent writers puts the metadata on Postgres (see README).
+needs many concurrent writers puts the metadata on PostgreSQL (`storage.postgres`): no file lock, each
+publish commits on its own and a commit that loses a race with another writer is retried. There a dead
+publish's files are removed only by `cleanup()`, and only once they are older than `ORPHAN_AGE`: a younger
+unreferenced file may be another machine's publish between its write and its commit.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import threading
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from schemas.config import config_hash, file_lock, prefmill_home
 from schemas.tables import conform
 from storage.columns import column_definitions, match_columns
 from storage.errors import CatalogError
+from storage.postgres import PostgresTarget, parse_target, redact
 from storage.sql_guard import check_read_only, sandbox
 
 __all__ = ["Catalog", "CatalogError", "Version", "default_catalog_path", "validate_name"]
@@ -44,6 +50,9 @@ AUTHOR = "prefmill"
 ROW_GROUP_ROWS = 122_880
 LINEAGE_INLINE_ROWS = 1000
 META_FILES = ("", ".wal", ".wal.checkpoint", ".wal.recovery")  # meta.ducklake and what DuckDB opens beside it
+COMMIT_ATTEMPTS = 8  # a publish that loses this many commit races in a row fails (DuckLake retries 10x inside each)
+COMMIT_BACKOFF_S = 0.2  # first wait before a retry; doubles each time, with jitter
+ORPHAN_AGE = "1 HOUR"  # on PostgreSQL, an unreferenced file younger than this may be a publish in flight
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -75,17 +84,55 @@ def ducklake_extension_path() -> Path:
     """The ducklake extension binary shipped by the duckdb-extension-ducklake package."""
     import duckdb_extension_ducklake
 
-    folder = Path(duckdb_extension_ducklake.__file__).parent
+    return _extension_file(duckdb_extension_ducklake, "ducklake")
+
+
+def postgres_extension_path() -> Path:
+    """The postgres_scanner extension binary shipped by the duckdb-extension-postgres-scanner package."""
+    try:
+        import duckdb_extension_postgres_scanner
+    except ImportError:
+        raise CatalogError("a PostgreSQL catalog needs the duckdb-extension-postgres-scanner package: pip install "
+                           f"duckdb-extension-postgres-scanner=={duckdb.__version__}") from None
+    return _extension_file(duckdb_extension_postgres_scanner, "postgres_scanner")
+
+
+def _extension_file(package: Any, name: str) -> Path:
+    folder = Path(package.__file__).parent
     found = sorted(folder.rglob("*.duckdb_extension"))
     if not found:
-        raise CatalogError(f"no ducklake .duckdb_extension file under {folder}")
+        raise CatalogError(f"no {name} .duckdb_extension file under {folder}")
     return found[0]
 
 
-class Catalog:
-    """A DuckLake catalog: `meta.ducklake` (DuckDB metadata) plus `data/` (Parquet files)."""
+@dataclass(frozen=True)
+class PostgresMetadata:
+    """Stands where a local catalog has its `meta.ducklake` Path: `exists()` asks the server whether the lake's
+    metadata tables are there; `str()` is the target with any password hidden."""
 
-    def __init__(self, root: Path | str | None = None):
+    catalog: Catalog
+
+    def exists(self) -> bool:
+        return self.catalog._postgres_lake_exists()
+
+    def __str__(self) -> str:
+        return str(self.catalog.target)
+
+
+class Catalog:
+    """A DuckLake catalog: `meta.ducklake` (DuckDB metadata) plus `data/` (Parquet files) in one folder, or
+    metadata on PostgreSQL (`root` = 'postgres:…' or a 'postgresql://' URL, see `storage.postgres`) with the
+    Parquet files in `data_path` (default: under the prefmill home)."""
+
+    def __init__(self, root: Path | str | None = None, data_path: Path | str | None = None):
+        self.target = parse_target(root)
+        self._databases: dict[bool, tuple[int, duckdb.DuckDBPyConnection]] = {}
+        self._db_lock = threading.Lock()
+        if self.target:
+            self._init_postgres(self.target, data_path)
+            return
+        if data_path is not None:
+            raise CatalogError("data_path is for a PostgreSQL catalog; a catalog folder keeps its data in data/")
         self.root = Path(root) if root else default_catalog_path()
         if self.root.exists() and not self.root.is_dir():
             raise CatalogError(f"catalog {self.root} is a file, not a folder; give --catalog a folder "
@@ -95,23 +142,41 @@ class Catalog:
         self.data_path = self.root / "data"
         self._lock_path = self.root / ".lock"
         self._pending_path = self.root / ".publishing"  # exists from a publish's first write to its commit
-        self._databases: dict[bool, tuple[int, duckdb.DuckDBPyConnection]] = {}
-        self._db_lock = threading.Lock()
+        self._extensions = self.root / "extensions"
+
+    def _init_postgres(self, target: PostgresTarget, data_path: Path | str | None) -> None:
+        """Metadata on the server; locally only the data folder. DuckDB's extensions are installed under the
+        prefmill home, not in the data folder: DuckLake's orphan cleanup deletes whatever it finds there."""
+        self.data_path = Path(data_path or target.data_path or target.default_data_path()).expanduser()
+        self.root = self.data_path
+        self.meta_path = PostgresMetadata(self)
+        self._extensions = prefmill_home() / "duckdb-extensions"
+
+    @property
+    def location(self) -> str:
+        """The catalog as error messages name it: its folder, or its PostgreSQL target (password hidden)."""
+        return str(self.target) if self.target else str(self.root)
 
     @contextlib.contextmanager
     def connect(self, write: bool = False, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A DuckDB connection with the lake attached as `lake` (read-only unless `write`); `sandboxed`
-        also locks it to reading the catalog's own files (see `storage.sql_guard.sandbox`)."""
-        with (file_lock(self._lock_path, exclusive=write or not self.meta_path.exists()), self._db_lock,
-              contextlib.closing(self._database(sandboxed).cursor()) as con):
-            self._attach(con, write)
+        also locks it to reading the catalog's own files (see `storage.sql_guard.sandbox`). A PostgreSQL
+        catalog takes no file lock: the server orders the commits of every process."""
+        lock = (contextlib.nullcontext() if self.target
+                else file_lock(self._lock_path, exclusive=write or not self.meta_path.exists()))
+        kept = bool(self.target) and sandboxed  # attached once, before the sandbox shut external access
+        with lock, self._db_lock, contextlib.closing(self._database(sandboxed).cursor()) as con:
+            if not kept:
+                self._attach(con, write)
+            con.execute(f"USE {LAKE}")
             try:
                 yield con
             finally:
                 with contextlib.suppress(duckdb.TransactionException):
                     con.execute("ROLLBACK")  # a caller's unfinished transaction would block the DETACH
                 con.execute("USE memory")
-                con.execute(f"DETACH {LAKE}")
+                if not kept:
+                    con.execute(f"DETACH {LAKE}")
 
     def publish(self, table: pa.Table, dataset: str, lineage: dict[str, Any] | None = None,
                 schema: pa.Schema | None = None) -> Version:
@@ -128,24 +193,34 @@ class Catalog:
                   for name, t in tables.items()}
         info = snapshot_info(tables, lineage or {})
         with self.connect(write=True) as con:
-            if self._pending_path.exists():  # the last publish died between its writes and its commit
+            if not self.target and self._pending_path.exists():  # the last publish died before its commit
                 self._delete_orphans(con)
             tables = {name: self._matched(con, name, t) for name, t in tables.items()}
             files = {name: self._new_data_file(name) for name, t in tables.items() if t.num_rows}
-            self._pending_path.touch()
-            try:
-                for name, path in files.items():
-                    write_parquet(tables[name], path)
-                self._commit(con, tables, files, info)
-            except BaseException:
-                for path in files.values():
-                    path.unlink(missing_ok=True)
-                raise
-            finally:
-                self._pending_path.unlink()
-            # still under the exclusive lock, so the newest version is this publish, not a concurrent one
-            versions = self._all_versions(con)
-            return {name: versions[name][-1] for name in tables}
+            marker = contextlib.nullcontext() if self.target else self._publishing()
+            with marker:
+                try:
+                    for name, path in files.items():
+                        write_parquet(tables[name], path)
+                    self._commit_retrying(con, tables, files, info)
+                except BaseException:
+                    for path in files.values():
+                        path.unlink(missing_ok=True)
+                    raise
+            # the snapshot this connection committed: with concurrent writers the newest may be another's
+            (snapshot,) = con.execute(f"SELECT id FROM {LAKE}.last_committed_snapshot()").fetchone()
+            mine = {v.dataset: v for versions in self._all_versions(con).values() for v in versions
+                    if v.version == snapshot}
+            return {name: mine[name] for name in tables}
+
+    @contextlib.contextmanager
+    def _publishing(self) -> Iterator[None]:
+        """The marker that says a publish is between its first write and its commit (local catalogs)."""
+        self._pending_path.touch()
+        try:
+            yield
+        finally:
+            self._pending_path.unlink()
 
     def versions(self, dataset: str) -> list[Version]:
         """Every version of `dataset`, oldest first."""
@@ -194,8 +269,9 @@ class Catalog:
         catalog is refused with a `CatalogError`."""
         check_read_only(query)
         if not self.meta_path.exists():
-            raise CatalogError(f"no catalog yet at {self.root}: publish a dataset first (prefmill run), "
-                               "or give --catalog the folder that holds meta.ducklake")
+            raise CatalogError(f"no catalog yet at {self.location}: publish a dataset first (prefmill run), "
+                               "or give --catalog the folder that holds meta.ducklake (or the PostgreSQL "
+                               "database that holds the lake's metadata)")
         with self.connect(sandboxed=True) as con:
             try:
                 return con.execute(query).arrow().read_all()
@@ -218,30 +294,63 @@ class Catalog:
         return path
 
     def cleanup(self) -> list[Path]:
-        """Delete the data files no snapshot references (left by a publish that died before its commit)."""
+        """Delete the data files no snapshot references (left by a publish that died before its commit); on
+        PostgreSQL only those older than `ORPHAN_AGE`, since other machines may be mid-publish."""
         with self.connect(write=True) as con:
             return self._delete_orphans(con)
+
+    def _commit_retrying(self, con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table],
+                         files: dict[str, Path], info: dict[str, Any]) -> None:
+        """`_commit`, again after a pause when another writer's commit conflicted with it (DuckLake's own
+        retries exhausted, or a table both created at once): bounded, with exponential backoff and jitter."""
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                return self._commit(con, tables, files, info)
+            except duckdb.TransactionException as exc:
+                if not _is_conflict(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                    raise CatalogError(f"publish to {self.location} failed after {attempt + 1} commit attempt(s) "
+                                       f"({redact(str(exc)).splitlines()[0]})") from exc
+            time.sleep(COMMIT_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
 
     def _database(self, sandboxed: bool) -> duckdb.DuckDBPyConnection:
         """This process's DuckDB instance (a plain one, and a sandboxed one for `sql`) with ducklake loaded,
         kept between calls: loading the extension (signature check of a 36 MB binary) costs ~0.3 s,
-        attaching the lake ~0.05 s. The lake is attached per call, under the file lock."""
+        attaching the lake ~0.05 s. The lake is attached per call, under the file lock; a PostgreSQL lake in
+        the sandboxed instance once, before the sandbox (it refuses to attach PostgreSQL afterwards)."""
         pid, con = self._databases.get(sandboxed, (None, None))
         if con is None or pid != os.getpid():
-            con = duckdb.connect(config={"autoinstall_known_extensions": False,
-                                         "autoload_known_extensions": False,
-                                         "allow_persistent_secrets": False,  # no look-up in ~/.duckdb
-                                         "extension_directory": str(self.root / "extensions")})
-            con.execute(f"INSTALL '{_quote(ducklake_extension_path())}'")
-            con.execute("LOAD ducklake")
-            if sandboxed:
+            con = self._new_database()
+            if sandboxed and self.target:
+                self._attach_postgres(con, write=False, create=False)
+                sandbox(con, self.data_path, [])
+            elif sandboxed:
                 sandbox(con, self.data_path, [Path(f"{self.meta_path}{suffix}") for suffix in META_FILES])
             self._databases[sandboxed] = (os.getpid(), con)
+        return con
+
+    def _new_database(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB instance with our own extension folder and the extensions this catalog needs. The postgres
+        extension looks up persistent secrets, so a PostgreSQL catalog gets an empty secret folder of its own
+        instead of `allow_persistent_secrets=false` (with which that look-up fails)."""
+        secrets = ({"secret_directory": str(self._extensions / "no-secrets")} if self.target
+                   else {"allow_persistent_secrets": False})  # no look-up in ~/.duckdb
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                     "extension_directory": str(self._extensions), **secrets})
+        extensions = [("ducklake", ducklake_extension_path())]
+        if self.target:
+            extensions.append(("postgres_scanner", postgres_extension_path()))
+        self._extensions.mkdir(parents=True, exist_ok=True)
+        with file_lock(self._extensions / ".lock") if self.target else contextlib.nullcontext():
+            for name, path in extensions:  # processes of a PostgreSQL catalog install side by side
+                con.execute(f"INSTALL '{_quote(path)}'")
+                con.execute(f"LOAD {name}")
         return con
 
     def _attach(self, con: duckdb.DuckDBPyConnection, write: bool) -> None:
         """Attach the lake. Datasets arrive as registered Parquet files; the only INSERTs are each publish's
         few lineage rows, which the inlining limit keeps in the metadata instead of one tiny file each."""
+        if self.target:
+            return self._attach_postgres(con, write)
         mode = "" if write or not self.meta_path.exists() else ", READ_ONLY"
         try:
             con.execute(f"ATTACH 'ducklake:{_quote(self.meta_path)}' AS {LAKE} (DATA_PATH "
@@ -249,7 +358,57 @@ class Catalog:
         except duckdb.IOException as exc:
             raise CatalogError(f"cannot open the catalog metadata {self.meta_path} ({exc}); restore it from a "
                                "backup, or give --catalog another folder") from None
-        con.execute(f"USE {LAKE}")
+
+    def _attach_postgres(self, con: duckdb.DuckDBPyConnection, write: bool, create: bool = True) -> None:
+        """Attach a lake whose metadata is on PostgreSQL: read-only unless `write`; a database without the
+        lake's tables yet gets them if `create` (as a first local attach creates meta.ducklake). Two processes
+        creating them at once collide in PostgreSQL; the loser attaches again and finds them made."""
+        options = f"DATA_PATH '{_quote(self.data_path)}/', DATA_INLINING_ROW_LIMIT {LINEAGE_INLINE_ROWS}"
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                mode = "" if write or attempt else ", READ_ONLY"
+                con.execute(f"ATTACH 'ducklake:postgres:{_quote(self.target.conninfo)}' AS {LAKE} "
+                            f"({options}{mode})")
+                return
+            except duckdb.Error as exc:
+                message = str(exc)
+                if "creating a new DuckLake is explicitly disabled" in message and create:
+                    continue  # no lake in this database yet: attach read-write, which creates it
+                if attempt and _is_conflict(exc):
+                    time.sleep(COMMIT_BACKOFF_S * random.uniform(0.5, 1.5))
+                    continue
+                raise self._postgres_error(exc) from None
+        raise CatalogError(f"cannot create the lake's metadata in {self.location}: other processes kept "
+                           "colliding with it; try again")
+
+    def _postgres_error(self, exc: duckdb.Error) -> CatalogError:
+        """A clear CatalogError for a failed attach: which target, what the server said, what to do."""
+        said = redact(str(exc).replace(self.target.conninfo, redact(self.target.conninfo)))
+        if "creating a new DuckLake is explicitly disabled" in said:
+            return CatalogError(f"no catalog yet at {self.location}: publish a dataset first (prefmill run)")
+        if "Unable to connect to Postgres" in said or isinstance(exc, duckdb.IOException):
+            reason = " ".join(re.split(r'Unable to connect to Postgres at "[^"]*":', said)[-1].split())
+            return CatalogError(f"cannot reach the PostgreSQL catalog {self.location}: {reason}"
+                                "\nStart the server, create the database, or fix host/port/dbname/user in "
+                                "--catalog (or the config's `catalog`), e.g. "
+                                "'postgres:dbname=prefmill host=127.0.0.1 port=5432 user=prefmill'")
+        if "does not match existing data path" in said:
+            return CatalogError(f"the PostgreSQL catalog {self.location} keeps its data in another folder than "
+                                f"{self.data_path}: {said}\nGive that folder as data_path=… in --catalog")
+        return CatalogError(f"cannot open the PostgreSQL catalog {self.location}: {said}")
+
+    def _postgres_lake_exists(self) -> bool:
+        """Whether the database holds a lake yet: attaching read-only says so without creating one."""
+        with self._db_lock, contextlib.closing(self._database(False).cursor()) as con:
+            try:
+                con.execute(f"ATTACH 'ducklake:postgres:{_quote(self.target.conninfo)}' AS {LAKE} "
+                            f"(DATA_PATH '{_quote(self.data_path)}/', READ_ONLY)")
+            except duckdb.Error as exc:
+                if "creating a new DuckLake is explicitly disabled" in str(exc):
+                    return False
+                raise self._postgres_error(exc) from None
+            con.execute(f"DETACH {LAKE}")
+            return True
 
     def _matched(self, con: duckdb.DuckDBPyConnection, dataset: str, table: pa.Table) -> pa.Table:
         """`table` in the dataset's column order, checked by name and type against its existing columns."""
@@ -287,6 +446,10 @@ class Catalog:
     def _delete_orphans(self, con: duckdb.DuckDBPyConnection) -> list[Path]:
         """Under the exclusive lock no publish is between its write and its commit, so every data file no
         snapshot references is an orphan. Lists the whole data folder, hence only after a publish died."""
+        if self.target:
+            rows = con.execute(f"SELECT path FROM ducklake_delete_orphaned_files('{LAKE}', older_than => "
+                               f"now() - INTERVAL {ORPHAN_AGE})")
+            return [Path(path) for (path,) in rows.fetchall()]
         rows = con.execute(f"SELECT path FROM ducklake_delete_orphaned_files('{LAKE}', cleanup_all => true)")
         deleted = [Path(path) for (path,) in rows.fetchall()]
         self._pending_path.unlink(missing_ok=True)
@@ -309,7 +472,7 @@ class Catalog:
     def _versions(self, con: duckdb.DuckDBPyConnection, dataset: str) -> list[Version]:
         versions = self._all_versions(con).get(dataset)
         if not versions:
-            raise CatalogError(f"no dataset named {dataset!r} in {self.root}")
+            raise CatalogError(f"no dataset named {dataset!r} in {self.location}")
         return versions
 
     def _require(self, con: duckdb.DuckDBPyConnection, dataset: str, version: int | None) -> None:
@@ -365,6 +528,13 @@ def _lineage_rows(info: dict[str, Any]) -> list[list[Any]]:
     return [[name, part["rows_added"], created, json.dumps({**info["lineage"], "dataset": name, **part},
                                                            default=str)]
             for name, part in info["datasets"].items()]
+
+
+def _is_conflict(exc: duckdb.Error) -> bool:
+    """Whether a failed commit lost a race with another writer (and may simply be tried again)."""
+    message = str(exc).lower()
+    return any(sign in message for sign in ("conflict", "maximum retry count", "duplicate key", "already exists",
+                                            "could not serialize", "deadlock"))
 
 
 def _at(version: int | None) -> str:

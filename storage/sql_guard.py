@@ -6,7 +6,10 @@ Two independent layers:
    some act even through a READ_ONLY attach (`ducklake_cleanup_old_files` deletes data files), so a SELECT
    is not harmless by its statement type alone.
 2. `sandbox` locks the DuckDB instance: no file access outside the catalog's data folder and metadata
-   files, no setting change (`lock_configuration`); the caller attaches the lake READ_ONLY.
+   files, no setting change (`lock_configuration`); the caller attaches the lake READ_ONLY. A lake on
+   PostgreSQL is attached before the sandbox (the postgres extension refuses to attach without external
+   access); its `postgres_scan`/`postgres_query` functions do not check external access, so for them the
+   allowlist of layer 1 is the only guard (its metadata database is attached read-only all the same).
 """
 
 from __future__ import annotations
