@@ -16,6 +16,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,22 +52,25 @@ class ShardResult:
     seconds: float = 0.0
     requests: int = 0
     tokens: int = 0
+    started_at: float = 0.0  # epoch seconds when the step began (shards run at once: see `busy_seconds`)
 
     @classmethod
     def of(cls, value: Any, run: StepRun | None = None) -> ShardResult:
         if run is None:
             return cls(value, content_digest(value))
-        return cls(value, content_digest(value), run.seconds, run.requests, run.tokens)
+        return cls(value, content_digest(value), run.seconds, run.requests, run.tokens, run.started_at)
 
 
 @dataclass
 class StageStats:
     shards: int = 0
     cached: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the shards' compute seconds, summed (they may overlap: shards run at once)
+    busy: float = 0.0  # seconds during which at least one of the stage's shards was computing
     requests: int = 0
     tokens: int = 0
     rows: int = 0
+    spans: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -85,9 +89,29 @@ class RunResult:
 
 
 Reporter = Callable[[str, int, int], None]  # (stage, shards done, shards total)
-_RUNTIME: dict[str, Any] = {}  # the pool of the flow run in progress (tasks run in threads of this process)
-_ATTACHED: dict[str, Any] = {}  # what the caller in this process lends the next flow run (see `attached`)
-_POOL_LOCK = threading.Lock()
+
+
+@dataclass
+class Runtime:
+    """What one flow run's tasks share: where its models are. The pool opens on the first task that needs
+    it (a fully cached re-run loads no model) and closes with the run."""
+
+    cfg: PipelineConfig
+    pool: Any = None
+    owned: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get_pool(self) -> Any:
+        with self.lock:
+            if self.pool is None:
+                self.pool = self.owned = open_pool(self.cfg)
+            return self.pool
+
+
+# Context, not process globals: Prefect runs a flow's tasks in threads with a copy of the flow's context, so
+# each run's tasks see that run's Runtime, and two runs in one process never share one.
+_RUN: ContextVar[Runtime | None] = ContextVar("prefmill_run", default=None)
+_LENT: ContextVar[tuple[Any, Reporter | None]] = ContextVar("prefmill_lent", default=(None, None))
 
 
 def content_digest(value: Any) -> str:
@@ -117,7 +141,10 @@ def shard_key(_context, parameters: dict) -> str:
 def shard_task(step: S.RolloutStep | S.RewardStep | S.CritiqueStep, shard: int,
                inputs: list[ShardResult]) -> ShardResult:
     """Run one stage on one shard where the models are."""
-    run = _pool().run(step, step_rows(step, inputs))
+    runtime = _RUN.get()
+    if runtime is None:
+        raise RuntimeError("shard_task runs inside a pipeline run (run_pipeline), which provides its models")
+    run = runtime.get_pool().run(step, step_rows(step, inputs))
     return ShardResult.of(run.value, run)
 
 
@@ -136,13 +163,13 @@ def step_rows(step: Any, inputs: list[ShardResult]) -> Any:
 
 @contextmanager
 def attached(pool: Any = None, reporter: Reporter | None = None) -> Iterator[None]:
-    """Lend flow runs started in this process a pool (tests share one engine) and a progress reporter
+    """Lend the flow runs this context starts a pool (tests share one engine) and a progress reporter
     (the CLI's bars); neither can be a flow parameter, which must serialize."""
-    _ATTACHED.update(pool=pool, reporter=reporter)
+    token = _LENT.set((pool, reporter))
     try:
         yield
     finally:
-        _ATTACHED.clear()
+        _LENT.reset(token)
 
 
 @flow(name="prefmill-pipeline", log_prints=True, persist_result=False)
@@ -157,7 +184,8 @@ def pipeline(config: dict, run_key: str = "") -> RunResult:
 
     if not run_key and deployment.id:
         run_key = str(flow_run.scheduled_start_time)
-    return run_pipeline(validate_pipeline_config(config), run_key, _ATTACHED.get("pool"), _ATTACHED.get("reporter"))
+    pool, reporter = _LENT.get()
+    return run_pipeline(validate_pipeline_config(config), run_key, pool, reporter)
 
 
 def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None,
@@ -214,7 +242,8 @@ def build_steps(cfg: PipelineConfig) -> list[Any]:
                         S.RewardStep(flr, models["scorer"])]
     k = cfg.critiques
     if k.enabled:
-        critic = ClaimCritic(rounds=k.rounds, evidence_k=k.evidence_k, max_tokens=k.max_tokens, seed=k.seed)
+        critic = ClaimCritic(rounds=k.rounds, evidence_k=k.evidence_k, max_tokens=k.max_tokens, seed=k.seed,
+                             max_evidence_tokens=k.max_evidence_tokens)
         index = DocumentIndex(load_documents(k.documents)) if k.documents else None
         steps.append(S.CritiqueStep(critic, flr, models["critic"], models["scorer"],
                                     k.top_k if k.select == "top_k" else None, index))
@@ -247,9 +276,21 @@ def run_shards(cfg: PipelineConfig, seeds: pa.Table, result: RunResult, report: 
             stats.seconds += shard.seconds
             stats.requests += shard.requests
             stats.tokens += shard.tokens
+            stats.spans.append((shard.started_at, shard.started_at + shard.seconds))
+            stats.busy = busy_seconds(stats.spans)
         result.stage_wall[stage] = time.perf_counter() - stage_started
         report(stage, stats.shards, len(parts))
     return shards
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) spans: time during which at least one was running."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def collect(shards: list[dict], seeds: pa.Table, quarantine: pa.Table) -> dict[str, pa.Table]:
@@ -323,21 +364,14 @@ def publish_run(cfg: PipelineConfig, catalog: Catalog, tables: dict[str, pa.Tabl
 @contextmanager
 def pipeline_pool(cfg: PipelineConfig, pool: Any = None) -> Iterator[None]:
     """Make the run's pool available to its tasks; open it lazily for `cfg.backend`, close what we opened."""
-    _RUNTIME.update(cfg=cfg, pool=pool, owned=None)
+    runtime = Runtime(cfg, pool)
+    token = _RUN.set(runtime)
     try:
         yield
     finally:
-        owned = _RUNTIME.get("owned")
-        _RUNTIME.clear()
-        if owned is not None:
-            owned.shutdown()
-
-
-def _pool() -> Any:
-    with _POOL_LOCK:
-        if _RUNTIME.get("pool") is None:
-            _RUNTIME["pool"] = _RUNTIME["owned"] = open_pool(_RUNTIME["cfg"])
-        return _RUNTIME["pool"]
+        _RUN.reset(token)
+        if runtime.owned is not None:
+            runtime.owned.shutdown()
 
 
 def open_pool(cfg: PipelineConfig) -> Any:
@@ -348,5 +382,8 @@ def open_pool(cfg: PipelineConfig) -> Any:
 
         r = cfg.ray
         return RayEnginePool(PoolConfig(engine=engine, num_actors=r.actors, cpus_per_actor=r.cpus_per_actor,
-                                        gpus_per_actor=r.gpus_per_actor, address=r.address), log_to_driver=False)
-    return LocalPool(ModelHost(engine, url=cfg.url if cfg.backend == "http" else None))
+                                        gpus_per_actor=r.gpus_per_actor, steps_per_actor=r.steps_per_actor,
+                                        prefix_batch=cfg.flr.prefix_batch, address=r.address),
+                             log_to_driver=False)
+    return LocalPool(ModelHost(engine, url=cfg.url if cfg.backend == "http" else None,
+                               prefix_batch=cfg.flr.prefix_batch))

@@ -27,7 +27,7 @@ def stage_rows(result: RunResult) -> list[dict]:
     """One row per stage: shards (cached), compute seconds, requests, generated tokens and tokens/s."""
     rows = []
     for stage, stats in result.stages.items():
-        rate = stats.tokens / stats.seconds if stats.seconds and stats.tokens else None
+        rate = stats.tokens / stats.busy if stats.busy and stats.tokens else None
         rows.append({"stage": stage, "shards": stats.shards, "cached": stats.cached,
                      "compute_s": round(stats.seconds, 1), "wall_s": round(result.stage_wall.get(stage, 0.0), 1),
                      "requests": stats.requests, "tokens": stats.tokens,

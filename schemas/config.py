@@ -59,6 +59,9 @@ class PoolConfig(BaseModel):
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    steps_per_actor: int = Field(default=4, ge=1, description="`run` calls one actor serves at once (threads "
+                                                             "sharing its engine)")
+    prefix_batch: int = Field(default=8, ge=1, description="prefixes per FLR scorer forward pass on an actor")
     address: str | None = Field(default=None, description="a Ray cluster address; None starts a local runtime")
 
 
@@ -120,6 +123,8 @@ class FLRSection(_Section):
     aggregation: Literal["mean", "sum"] = "mean"
     followups: str | None = Field(default=None, description="follow-up set JSON; None: the built-in set")
     max_tokens: int = Field(default=4096, ge=16)
+    prefix_batch: int = Field(default=8, ge=1, description="prefixes per scorer forward pass (speed and memory "
+                                                           "only: not part of the config hash)")
 
 
 class CritiquesSection(_Section):
@@ -132,6 +137,8 @@ class CritiquesSection(_Section):
     documents: str | None = Field(default=None, description="folder of .txt/.md passages to retrieve evidence "
                                                             "from (BM25), besides each seed's own documents")
     max_tokens: int = Field(default=256, ge=16)
+    max_evidence_tokens: int = Field(default=2048, ge=64, description="evidence per claim is narrowed to its "
+                                                                      "most relevant passages within this many tokens")
     seed: int = 0
 
 
@@ -155,6 +162,8 @@ class RaySection(_Section):
     actors: int = Field(default=1, ge=1, description="model actors (each loads the models once per run)")
     cpus_per_actor: float = Field(default=1.0, gt=0.0)
     gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    steps_per_actor: int = Field(default=4, ge=1, description="shard steps an actor runs at once; their requests "
+                                                              "share its engine's continuous batch")
 
 
 class PipelineConfig(_Section):
@@ -188,13 +197,14 @@ class PipelineConfig(_Section):
 
     def fingerprint(self) -> str:
         """The hash of everything that shapes the data (not where it is stored or which backend runs it)."""
-        return config_hash(self.model_dump(mode="json", exclude=_PLACEMENT))
+        return config_hash(self.model_dump(mode="json", exclude=_NOT_HASHED))
 
     def results_path(self) -> Path:
         return Path(self.result_storage).expanduser() if self.result_storage else prefmill_home() / "results"
 
 
 _PLACEMENT = {"backend", "url", "ray", "catalog", "result_storage", "run_id"}
+_NOT_HASHED = {key: True for key in _PLACEMENT} | {"flr": {"prefix_batch"}}  # where and how fast, not what
 
 
 def load_pipeline_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:

@@ -49,6 +49,7 @@ class StepRun:
     seconds: float
     requests: int
     tokens: int
+    started_at: float = 0.0  # epoch seconds
 
 
 class MeteredModel:
@@ -77,15 +78,18 @@ class MeteredModel:
 
 
 class MeteredScorer:
-    """A `ContinuationScorer` that counts scored (prefix, continuation) pairs as requests."""
+    """A `ContinuationScorer` that counts scored (prefix, continuation) pairs as requests. Callers in several
+    threads take turns (`lock`): one scorer's forward passes already use every core it has."""
 
-    def __init__(self, scorer: ContinuationScorer, meter: Meter):
+    def __init__(self, scorer: ContinuationScorer, meter: Meter, lock: threading.Lock | None = None):
         self.scorer, self.meter, self.name = scorer, meter, scorer.name
+        self.lock = lock or threading.Lock()
 
     def score_continuations(self, prefixes: Sequence[Conversation], continuations: Sequence[Message],
                             max_tokens: int | None = None) -> list[ScoredPrefix]:
         self.meter.add(len(prefixes) * len(continuations))
-        return self.scorer.score_continuations(prefixes, continuations, max_tokens)
+        with self.lock:
+            return self.scorer.score_continuations(prefixes, continuations, max_tokens)
 
 
 class ModelHost:
@@ -93,21 +97,27 @@ class ModelHost:
 
     One engine per distinct spec, so a step that uses the same spec for two roles (assistant and
     simulator) gets the same object and its requests share one continuous batch. With `url`, chat models
-    are clients of that OpenAI-compatible server instead of in-process engines.
+    are clients of that OpenAI-compatible server instead of in-process engines. Steps in several threads
+    may use one host at once: each runs on its own `session()` (its own meter), an engine interleaves
+    their requests in one batch, and a scorer serves one caller at a time.
     """
 
     def __init__(self, engine: EngineConfig = EngineConfig(), preloaded: dict[str, LanguageModel] | None = None,
-                 url: str | None = None):
+                 url: str | None = None, prefix_batch: int = 8):
         self.engine_config, self.url = engine, url
+        self.prefix_batch = prefix_batch  # prefixes per scorer forward pass
         self.meter = Meter()
-        self._chat = {spec: MeteredModel(m, self.meter) for spec, m in (preloaded or {}).items()}
+        self._lock = threading.Lock()  # opening models
+        self._models: dict[str, LanguageModel] = dict(preloaded or {})
         self._owned: list[Any] = []
-        self._scorers: dict[str, MeteredScorer] = {}
+        self._scorers: dict[str, tuple[ContinuationScorer, threading.Lock]] = {}
 
-    def chat_model(self, spec: str) -> LanguageModel:
-        if spec not in self._chat:
-            self._chat[spec] = MeteredModel(self._open(spec), self.meter)
-        return self._chat[spec]
+    def chat_model(self, spec: str, meter: Meter | None = None) -> LanguageModel:
+        with self._lock:
+            if spec not in self._models:
+                self._models[spec] = self._open(spec)
+            model = self._models[spec]
+        return MeteredModel(model, meter or self.meter)
 
     def _open(self, spec: str) -> LanguageModel:
         if self.url:
@@ -120,12 +130,18 @@ class ModelHost:
         self._owned.append(engine)
         return engine
 
-    def scorer(self, spec: str) -> ContinuationScorer:
-        if spec not in self._scorers:
-            from serving.prefix_scorer import SharedPrefixScorer
+    def scorer(self, spec: str, meter: Meter | None = None) -> ContinuationScorer:
+        with self._lock:
+            if spec not in self._scorers:
+                from serving.prefix_scorer import SharedPrefixScorer
 
-            self._scorers[spec] = MeteredScorer(SharedPrefixScorer(spec), self.meter)
-        return self._scorers[spec]
+                self._scorers[spec] = (SharedPrefixScorer(spec, prefix_batch=self.prefix_batch), threading.Lock())
+            scorer, lock = self._scorers[spec]
+        return MeteredScorer(scorer, meter or self.meter, lock)
+
+    def session(self) -> HostSession:
+        """A view of this host for one step: the same models, counted on a meter of its own."""
+        return HostSession(self, Meter())
 
     def take_meter(self) -> Meter:
         """The counts since the last call, and start counting from zero."""
@@ -140,26 +156,39 @@ class ModelHost:
         self._owned.clear()
 
 
+@dataclass
+class HostSession:
+    """What a step sees of a `ModelHost` (`chat_model`, `scorer`): counts go to this session's meter only,
+    so steps running at once on one host are measured apart."""
+
+    host: ModelHost
+    meter: Meter
+
+    def chat_model(self, spec: str) -> LanguageModel:
+        return self.host.chat_model(spec, self.meter)
+
+    def scorer(self, spec: str) -> ContinuationScorer:
+        return self.host.scorer(spec, self.meter)
+
+
 def run_step(step: Step, rows: Any, host: ModelHost) -> StepRun:
-    """Call `step(rows, host)` and measure it."""
-    host.take_meter()
-    started = time.perf_counter()
-    value = step(rows, host)
+    """Call `step(rows, session)` on a session of `host` and measure it (other steps may run beside it)."""
+    session = host.session()
+    started_at, started = time.time(), time.perf_counter()
+    value = step(rows, session)
     seconds = time.perf_counter() - started
-    reading = host.take_meter()
-    return StepRun(value, seconds, reading.requests, reading.tokens)
+    return StepRun(value, seconds, session.meter.requests, session.meter.tokens, started_at)
 
 
 class LocalPool:
-    """The in-process backend: one `ModelHost`, one step at a time (an engine serves one caller)."""
+    """The in-process backend: one `ModelHost` serving every step the flow's threads send at once (the
+    engine puts concurrent shards into one continuous batch)."""
 
     def __init__(self, host: ModelHost):
         self.host = host
-        self._lock = threading.Lock()
 
     def run(self, step: Step, rows: Any) -> StepRun:
-        with self._lock:
-            return run_step(step, rows, self.host)
+        return run_step(step, rows, self.host)
 
     def shutdown(self) -> None:
         self.host.close()

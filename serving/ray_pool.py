@@ -82,8 +82,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
 class _ModelActor:
     """The models of one Ray worker process: the pool's engine is loaded at start, others on first use."""
 
-    def __init__(self, engine_config: EngineConfig):
-        self.host = ModelHost(engine_config)
+    def __init__(self, engine_config: EngineConfig, prefix_batch: int = 8):
+        self.host = ModelHost(engine_config, prefix_batch=prefix_batch)
         self.engine = self.host.chat_model(engine_config.model)
 
     def run(self, step: Step, rows: Any) -> StepRun:
@@ -112,16 +112,21 @@ class RayEnginePool:
         ensure_ray(config.address, log_to_driver=log_to_driver)
         self.config = config
         self.name = config.engine.model
+        # a threaded actor: its `steps_per_actor` concurrent steps share its engine's continuous batch
         actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
-                                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(_ModelActor)
-        self.actors = [actor_class.remote(_actor_engine_config(config, k)) for k in range(config.num_actors)]
+                                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+                                 max_concurrency=config.steps_per_actor)(_ModelActor)
+        self.actors = [actor_class.remote(_actor_engine_config(config, k), config.prefix_batch)
+                       for k in range(config.num_actors)]
         self.start_seconds = ray.get([a.ready.remote() for a in self.actors])
         self._idle: queue.Queue = queue.Queue()
-        for actor in self.actors:
-            self._idle.put(actor)
+        for _ in range(config.steps_per_actor):  # round-robin slots: work spreads over actors first
+            for actor in self.actors:
+                self._idle.put(actor)
 
     def run(self, step: Step, rows: Any) -> StepRun:
-        """Run `step(rows, host)` on the next free actor (callers in several threads share the pool)."""
+        """Run `step(rows, host)` on the next actor with a free slot (callers in several threads share the
+        pool)."""
         actor = self._idle.get()
         try:
             return ray.get(actor.run.remote(step, rows))

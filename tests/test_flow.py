@@ -50,6 +50,8 @@ def test_the_pipeline_publishes_every_table_in_one_snapshot(backend, tmp_path, r
     assert {s: (r.shards, r.cached) for s, r in result.stages.items()} == {
         "rollout": (2, 0), "rewards": (2, 0), "critiques": (2, 0)}
     assert result.stages["rollout"].tokens > 0 and result.stages["rewards"].requests > 0
+    rollout = result.stages["rollout"]  # the two shards' rollouts ran at once, in one batch of the engine
+    assert rollout.busy < 0.85 * rollout.seconds, (rollout.busy, rollout.seconds)
     catalog = Catalog(cfg.catalog)
     tables = {name: catalog.read(name) for name in result.versions}
     assert tables["seeds"].num_rows == tables["conversations"].num_rows == 2
