@@ -38,22 +38,37 @@ def engine(model_path):
 
 
 @pytest.fixture(scope="module")
-def ray_pool(model_path):
-    """Module-scoped so its two engines are gone before later modules start theirs (vLLM on CPU binds
-    memory to NUMA node 0, which is smaller than the machine's RAM)."""
+def make_ray_pool(model_path):
+    """Opens `RayEnginePool(config)`s for one test module, each Ray runtime in a short temp folder under
+    /tmp (Ray's socket paths must stay under 108 bytes: pytest's deep tmp_path is too long); at the end of
+    the module they are shut down with Ray and their folders removed."""
     import ray
 
-    from schemas.config import PoolConfig
     from serving.ray_pool import RayEnginePool
 
-    # Ray's socket paths must stay under 108 bytes: a short folder in /tmp, not pytest's deep tmp_path
-    temp = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")
-    os.environ["PREFMILL_RAY_TMP"] = temp
-    pool = RayEnginePool(PoolConfig(num_actors=2))
-    yield pool
-    pool.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    opened = []
+
+    def make(config):
+        temp = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")
+        os.environ["PREFMILL_RAY_TMP"] = temp
+        opened.append((RayEnginePool(config), temp))
+        return opened[-1][0]
+    yield make
+    for pool, _ in opened:
+        pool.shutdown()
+    if opened:
+        ray.shutdown()
+    for _, temp in opened:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_pool(make_ray_pool):
+    """Module-scoped so its two engines are gone before later modules start theirs (vLLM on CPU binds
+    memory to NUMA node 0, which is smaller than the machine's RAM)."""
+    from schemas.config import PoolConfig
+
+    return make_ray_pool(PoolConfig(num_actors=2))
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ class ChatStep:
         marks = Path(self.marks)
         attempt = len(list(marks.glob("attempt-*")))
         (marks / f"attempt-{attempt}").write_text(str(os.getpid()))
-        out = host.chat_model(host.engine_config.model).chat(rows, SAMPLING)
+        out = host.chat_model(host.host.engine_config.model).chat(rows, SAMPLING)  # a HostSession
         if self.hold_first and attempt == 0:
             (marks / "holding").write_text(str(os.getpid()))
             time.sleep(300)  # killed here
@@ -41,25 +41,14 @@ class ChatStep:
 
 
 @pytest.fixture(scope="module")
-def one_actor_pool(model_path):
-    """The conftest `ray_pool` recipe (a short Ray temp folder under /tmp) with one actor."""
-    import shutil
-    import tempfile
-
-    import ray
+def one_actor_pool(make_ray_pool):
+    """conftest's Ray pool with one actor, which can unpickle this module's steps."""
     from ray import cloudpickle
 
     from schemas.config import PoolConfig
-    from serving.ray_pool import RayEnginePool
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import the tests folder
-    temp = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")
-    os.environ["PREFMILL_RAY_TMP"] = temp
-    pool = RayEnginePool(PoolConfig(num_actors=1))
-    yield pool
-    pool.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    return make_ray_pool(PoolConfig(num_actors=1))
 
 
 def _kill_when_holding(marks: Path, killed: dict) -> None:
