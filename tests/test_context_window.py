@@ -148,3 +148,37 @@ def test_critique_requests_over_the_window_give_a_reason_per_claim_not_a_crash()
     [claim] = row["rounds"][0]["claims"]
     assert claim["action"] == "fix" and claim["error"].startswith(f"revise: {TOO_LONG}")
     assert "green" not in row["final_response"]  # the flagged sentence is removed without the model
+
+
+@pytest.mark.slow
+def test_the_pipeline_on_the_engine_records_a_seed_over_the_window_and_publishes_the_rest(engine, tmp_path):
+    from flows.pipeline import attached, pipeline
+    from schemas.config import load_pipeline_config
+    from serving.hosts import LocalPool, ModelHost
+    from storage.catalog import Catalog
+
+    long_question = "1234567890" * 500  # 5,000 digit tokens: over the engine's 4,096-token window alone
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join(json.dumps({"question": q}) for q in
+                               ["Why is the sky blue?", long_question, "What do bees make?"]) + "\n")
+    cfg = load_pipeline_config(None, [
+        f'seeds.path="{seeds}"', "shard_size=3", "selfchat.max_turns=1", "selfchat.max_tokens_per_turn=32",
+        "candidates.n=2", "candidates.max_tokens=32", "critiques.rounds=0", "critiques.top_k=1",
+        "critiques.max_tokens=64", f'catalog="{tmp_path / "catalog"}"', f'result_storage="{tmp_path / "results"}"'])
+    with attached(pool=LocalPool(ModelHost(preloaded={"smollm2-135m": engine}))):
+        result = pipeline(cfg.model_dump(mode="json"))
+
+    catalog = Catalog(cfg.catalog)
+    conversations = {r["messages"][0]["content"]: r for r in catalog.read("conversations").to_pylist()}
+    long = conversations.pop(long_question)
+    assert long["ended_by"] == PROMPT_TOO_LONG and long["num_turns"] == 0
+    assert all(r["num_turns"] == 1 and r["messages"][1]["content"] for r in conversations.values())
+    candidates = catalog.read("candidates").to_pylist()
+    never = [c for c in candidates if c["seed_id"] == long["seed_id"]]
+    assert len(never) == 2 and all(c["finish_reason"] == PROMPT_TOO_LONG and c["reply"] == "" for c in never)
+    assert sum(c["finish_reason"] != PROMPT_TOO_LONG for c in candidates) == 4
+    rejects = [r for r in catalog.read("pair_rejects").to_pylist() if r["seed_id"] == long["seed_id"]]
+    assert [r["reason"] for r in rejects] == [PROMPT_TOO_LONG]
+    critiqued = {r["candidate_id"]: r for r in catalog.read("critiques").to_pylist()}
+    assert all(critiqued[c["candidate_id"]]["num_calls"] == 0 for c in never if c["candidate_id"] in critiqued)
+    assert catalog.read("rewards").num_rows == 4 and "pairs" in result.versions
