@@ -500,6 +500,22 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     or a message's text prune nothing, and computing them costs ~0.3 s CPU per 200k × 384-d vectors."""
     scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, write_statistics=scalar)
+    durable(path)
+
+
+def durable(path: Path) -> None:
+    """Flush a written data file and its folder entry to disk before a commit references it: after a power
+    loss (not only a killed process) a committed version never points at a file that is not all there."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def snapshot_info(tables: dict[str, pa.Table], lineage: dict[str, Any]) -> dict[str, Any]:

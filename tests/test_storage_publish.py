@@ -260,3 +260,27 @@ def test_cleanup_deletes_files_no_snapshot_references(catalog):
     orphan.write_bytes(b"half a file")
     assert catalog.cleanup() == [orphan]
     assert data_files(catalog) == files and catalog.read("pairs").num_rows == 1
+
+
+def test_every_data_file_is_flushed_to_disk_before_the_commit_that_references_it(catalog, monkeypatch):
+    """A power loss must not leave a committed version pointing at a file that is not all on disk."""
+    import storage.catalog as module
+
+    flushed: list[str] = []
+    real_fsync, real_commit = os.fsync, module.Catalog._commit
+
+    def fsync(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def commit(self, con, tables, files, info):
+        assert {str(p) for p in files.values()} <= set(flushed), "a file was committed before it was flushed"
+        assert {str(p.parent) for p in files.values()} <= set(flushed), "its folder entry was not flushed"
+        return real_commit(self, con, tables, files, info)
+
+    monkeypatch.setattr(module.os, "fsync", fsync)
+    monkeypatch.setattr(module.Catalog, "_commit", commit)
+    published = catalog.publish_many({"pairs": pairs(2), "pair_embeddings": embeddings(2)}, {"run_id": "r"},
+                                     schemas={"pairs": PAIRS, "pair_embeddings": PAIR_EMBEDDINGS})
+    assert published["pairs"].row_count == 2
+    assert len([p for p in flushed if p.endswith(".parquet")]) == 2
