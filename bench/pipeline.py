@@ -2,10 +2,15 @@
 orchestration overhead. Last line: one JSON object of the figures.
 
 - demo_wall_s: engine start + the flow call (Prefect API start, every stage, publish), demo config.
-- ratio_vs_raw: the rollout stage's generated tokens / its compute seconds, against raw `LLM.generate`
-  given the same requests (prompts, temperature, top-p, seeds) and output lengths (`ignore_eos`).
-- overhead_ratio: flow wall (inside the flow) ÷ the sum of the stages' own compute (shard steps next to
-  the models, pair mining, dedup, publish): what Prefect tasks, result persistence and scheduling add.
+- ratio_vs_raw: the rollout stage's generated tokens / the seconds during which at least one rollout shard
+  was running (shards run at once, in one batch of the engine, beside the other stages' steps), against
+  raw `LLM.generate` given the same requests (prompts, temperature, top-p, seeds) and output lengths
+  (`ignore_eos`) all at once. Raw gets every request of the run in one batch, which a self-chat cannot:
+  turn 2 waits for turn 1. With few seeds that dependency chain, not the flow, bounds the ratio; run
+  with `--set seeds.limit=48` to see the flow on a batch that fills the engine.
+- overhead_ratio: flow wall (inside the flow) ÷ the stages' own compute (the time at least one shard step
+  was running next to the models, plus pair mining, dedup, publish): what Prefect tasks, result
+  persistence and scheduling add.
 Results go to a fresh catalog and result storage, so nothing is served from an earlier run's cache.
 
     .venv/bin/python bench/pipeline.py [--set key=value ...]
@@ -17,7 +22,9 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,28 +34,44 @@ from flows.runner import configure_environment  # noqa: E402
 configure_environment(verbose=False)
 
 from bench.selfchat import CountingLM, raw_generate  # noqa: E402
-from flows.pipeline import attached, pipeline  # noqa: E402
+from flows.pipeline import attached, busy_seconds, pipeline  # noqa: E402
 from flows.report import stage_rows  # noqa: E402
 from schemas.config import load_pipeline_config  # noqa: E402
 from serving.engine import VLLMEngine  # noqa: E402
-from serving.hosts import LocalPool, ModelHost, run_step  # noqa: E402
+from serving.hosts import HostSession, LocalPool, Meter, ModelHost, StepRun  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "flows" / "configs" / "demo.toml"
 
 
-class StagePool(LocalPool):
-    """The in-process pool, telling the recorder which stage its requests belong to."""
+@dataclass
+class RecordingSession(HostSession):
+    """A step's view of the host that records its chat requests (prompt, sampling, sample, tokens) for the
+    raw replay; steps run at once, so each records on its own session."""
 
-    def __init__(self, host: ModelHost, recorder: CountingLM):
+    records: list = field(default_factory=list)
+
+    def chat_model(self, spec: str):
+        lm = CountingLM(self.host.chat_model(spec, self.meter), streaming=True)
+        lm.requests = self.records
+        return lm
+
+
+class StagePool(LocalPool):
+    """The in-process pool (steps run at once, as in a real run), keeping each stage's requests."""
+
+    def __init__(self, host: ModelHost):
         super().__init__(host)
-        self.recorder, self.requests = recorder, {}
+        self.requests: dict[str, list] = {}
+        self._lock = threading.Lock()
 
     def run(self, step, rows):
+        session = RecordingSession(self.host, Meter())
+        started_at, started = time.time(), time.perf_counter()
+        value = step(rows, session)
+        seconds = time.perf_counter() - started
         with self._lock:
-            start = len(self.recorder.requests)
-            done = run_step(step, rows, self.host)
-            self.requests.setdefault(step.name, []).extend(self.recorder.requests[start:])
-            return done
+            self.requests.setdefault(step.name, []).extend(session.records)
+        return StepRun(value, seconds, session.meter.requests, session.meter.tokens, started_at)
 
 
 def main() -> None:
@@ -58,8 +81,7 @@ def main() -> None:
                                       *overrides])
     started = time.perf_counter()
     engine = VLLMEngine(cfg.engine.model_copy(update={"model": cfg.models.assistant}))
-    recorder = CountingLM(engine, streaming=True)
-    pool = StagePool(ModelHost(preloaded={cfg.models.assistant: recorder}), recorder)
+    pool = StagePool(ModelHost(preloaded={cfg.models.assistant: engine}, prefix_batch=cfg.flr.prefix_batch))
     flow_started = time.perf_counter()
     with attached(pool=pool):
         result = pipeline(cfg.model_dump(mode="json"))
@@ -68,8 +90,9 @@ def main() -> None:
     rollout = result.stages["rollout"]
     raw_s = raw_generate(engine, pool.requests["rollout"])
     raw_tokens = sum(n for *_, n in pool.requests["rollout"])
-    ours, raw = rollout.tokens / rollout.seconds, raw_tokens / raw_s
-    compute = sum(s.seconds for s in result.stages.values()) + sum(
+    ours, raw = rollout.tokens / rollout.busy, raw_tokens / raw_s
+    # shards run at once: stage compute is the time at least one shard step was running, not their sum
+    compute = busy_seconds([span for s in result.stages.values() for span in s.spans]) + sum(
         result.stage_wall.get(k, 0.0) for k in ("pairs", "dedup", "publish"))
     for row in stage_rows(result):
         print(f"{row['stage']:<10} {row['compute_s']:>7.1f} s compute  {row['wall_s']:>7.1f} s wall  "
