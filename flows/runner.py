@@ -8,6 +8,8 @@ import time, and Ray actors inherit it); `verbose` leaves every engine log on.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -44,10 +46,46 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     from flows.pipeline import attached, pipeline
     from flows.report import print_summary
 
+    start_temporary_api()
     with stage_progress(console, cfg) as report, attached(reporter=report):
         result = pipeline(cfg.model_dump(mode="json"))
     print_summary(console, cfg, result)
     return result
+
+
+# Runs beside a temporary Prefect API: when the process that started it is gone (killed with -9, so its
+# atexit never ran), stop the API instead of leaving it serving forever.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.5)
+try:
+    with open(f"/proc/{server}/cmdline", "rb") as f:
+        if b"prefect.server.api.server" in f.read():
+            os.kill(server, signal.SIGTERM)
+except OSError:
+    pass
+"""
+
+
+def start_temporary_api() -> int | None:
+    """Start Prefect's temporary API now (as the first flow run would) unless PREFECT_API_URL names a server,
+    with a watchdog that stops it if this process dies without cleaning up. Returns the API's process id."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return None  # a server of the user's, or none allowed: Prefect's own error says what to set
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    if server.server_process is None:
+        return None
+    pid = server.server_process.pid
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return pid
 
 
 def check_input_files(cfg: PipelineConfig) -> None:
