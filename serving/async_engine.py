@@ -26,6 +26,7 @@ from serving.engine import (
     engine_kwargs,
     sampling_params,
     token_counts,
+    too_long,
 )
 from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling
 from serving.render import hf_render, hf_tokenize, scoring_prompts
@@ -51,6 +52,7 @@ class AsyncVLLMEngine:
         self.llm = self._run(self._build(AsyncLLM, args))
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.model_config.max_model_len
 
     async def _build(self, cls, args):
         return cls.from_engine_args(args)
@@ -121,6 +123,8 @@ class AsyncVLLMEngine:
     async def _generate(self, prompt, sampling: Sampling) -> list[Completion]:
         from vllm.sampling_params import RequestOutputKind
 
+        if len(prompt["prompt_token_ids"]) + sampling.max_tokens > self.max_model_len:
+            return too_long(sampling)  # answered per request, like the sync engine: the batch goes on
         params = sampling_params(sampling)
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
         final = None
