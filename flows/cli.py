@@ -177,7 +177,7 @@ def datasets(catalog: Optional[Path] = CatalogOption) -> None:
     try:
         cat = Catalog(catalog)
         if not cat.meta_path.exists():
-            console.print(f"no catalog yet at {cat.root}")
+            console.print(f"no catalog yet at {cat.location}")
             return
         for latest in cat.datasets():
             count = len(cat.versions(latest.dataset))
