@@ -25,9 +25,14 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's C++ "NUMA binding: Using MEMBIND policy" warning
+    "PYTHONWARNINGS": "ignore::FutureWarning",  # engine processes: torch deprecations inside vLLM
 }
 # the first flow run of a process starts a temporary Prefect API; on a busy 2-core machine 20 s is too short
-DEFAULT_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HUB_OFFLINE": "1"}
+# no telemetry from the temporary API: its heartbeat wrote to a SQLite database the run was writing to and
+# printed "database is locked" tracebacks
+DEFAULT_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HUB_OFFLINE": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 STAGE_LABELS = {"rollout": "self-chat + candidates", "rewards": "FLR rewards", "critiques": "critiques + revision"}
 
 
@@ -35,6 +40,13 @@ def configure_environment(verbose: bool) -> None:
     """Engine and orchestrator log levels (quiet unless `verbose`); never overrides what the user set."""
     for key, value in DEFAULT_ENV.items() | ({} if verbose else QUIET_ENV).items():
         os.environ.setdefault(key, value)
+    if not verbose:
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        # logged while vLLM imports, before its own log level applies: Triton has no CPU backend here
+        logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
 
 
 def run_command(config_path: Path | None, overrides: Sequence[str], console: Console, verbose: bool = False):

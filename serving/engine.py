@@ -48,6 +48,8 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         tensor_parallel_size=config.tensor_parallel_size,
         max_num_seqs=config.max_num_seqs,
         seed=config.seed,
+        # the weight-loading bar only when engine logs are on (`prefmill run --verbose`)
+        use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in {"DEBUG", "INFO"},
     )
 
 
