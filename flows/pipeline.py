@@ -258,12 +258,15 @@ def run_shards(cfg: PipelineConfig, seeds: pa.Table, result: RunResult, report: 
     parts = [ShardResult.of(seeds.slice(i, cfg.shard_size)) for i in range(0, seeds.num_rows, cfg.shard_size)]
     futures: dict[PrefectFuture, tuple[int, str]] = {}
     shards: list[dict] = [{"seeds": p} for p in parts]
-    for i, part in enumerate(parts):
-        rollout = run_task.submit(steps[0], i, [part])
-        reward = run_task.submit(steps[1], i, [rollout])
-        futures |= {rollout: (i, "rollout"), reward: (i, "rewards")}
-        if len(steps) > 2:
-            futures[run_task.submit(steps[2], i, [rollout, part, reward])] = (i, "critiques")
+    # Stage by stage: every shard's rollout at once (one request stream on the engine), then the rewards,
+    # then the critiques. A stage waits for the whole stage before it, so the scorer never competes with
+    # generation for the same cores or GPU, and each engine batch holds all shards' requests.
+    rollouts = [run_task.submit(steps[0], i, [part]) for i, part in enumerate(parts)]
+    rewards = [run_task.submit(steps[1], i, [rollout], wait_for=rollouts) for i, rollout in enumerate(rollouts)]
+    futures |= {f: (i, "rollout") for i, f in enumerate(rollouts)} | {f: (i, "rewards") for i, f in enumerate(rewards)}
+    if len(steps) > 2:
+        futures |= {run_task.submit(steps[2], i, [rollouts[i], part, rewards[i]], wait_for=rewards): (i, "critiques")
+                    for i, part in enumerate(parts)}
     stage_started = time.perf_counter()
     for future in as_completed(list(futures)):
         i, stage = futures[future]
