@@ -14,6 +14,12 @@ shutdown runs. The points:
 After each kill, `prefmill sql` and `Catalog.datasets()` show no pairs version; the re-run finishes, its
 finished LLM shards come from the result cache (counted in engine requests in the run summary), and the
 published pairs equal an uninterrupted run's (same config, another catalog) by content hash.
+
+The uninterrupted run (`reference`) runs once per module. The `dedup` and `publish` points are past every
+LLM stage, so their runs start from a copy of the reference's result cache: the killed run loads no model
+and goes straight to the point, and the re-run must still find every shard cached and send no engine
+request. That a shard finished by a process that is then SIGKILLed is found by the re-run is what the
+`selfchat` and `scoring` points show: they start from an empty cache and compute their shards themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,26 +39,16 @@ from pathlib import Path
 import pytest
 
 from storage.catalog import Catalog
+from tests.flow_helpers import write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POINTS = ["selfchat", "scoring", "dedup", "publish"]
-TINY = """
-shard_size = 1
-[seeds]
-limit = 2
-[selfchat]
-max_turns = 1
-max_tokens_per_turn = 48
-[candidates]
-n = 2
-max_tokens = 48
-[critiques]
-enabled = false
-"""
 DRIVER = "import sys; from tests.test_crash import arm; arm(sys.argv[1]); from flows.cli import app; " \
          "app(sys.argv[2:], prog_name='prefmill')"
+# kill points past the LLM stages: their runs start from a copy of the reference's result cache
+AFTER_LLM = {"dedup", "publish"}
 # shards a re-run must find finished, by kill point (default: all of the stage's shards)
 MIN_CACHED = {"selfchat": {"rollout": 1, "rewards": 0}, "scoring": {"rollout": 1, "rewards": 1}, "dedup": {},
               "publish": {}}
@@ -131,14 +128,6 @@ def env(tmp_path_factory) -> dict[str, str]:
             "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
 
 
-def write_config(folder: Path) -> Path:
-    """The tiny config with its own catalog and result storage (top-level keys before the tables)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "tiny.toml"
-    config.write_text(f'catalog = "{folder / "catalog"}"\nresult_storage = "{folder / "results"}"\n' + TINY)
-    return config
-
-
 def run(env: dict[str, str], args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """A process in its own session; whatever it leaves behind is SIGKILLed with its group once it exited (a
     killed run leaves its temporary Prefect API server running, which would also hold a stdout pipe open)."""
@@ -170,11 +159,14 @@ def pair_hashes(catalog: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory) -> tuple[dict[str, tuple[int, int, int]], set[str]]:
-    """One uninterrupted run: its stage counts and its published pairs."""
+def reference(env, tmp_path_factory) -> tuple[dict[str, tuple[int, int, int]], set[str], Path]:
+    """One uninterrupted run from an empty cache: its stage counts, its published pairs (some) and its
+    result cache."""
     folder = tmp_path_factory.mktemp("reference")
     stages = prefmill_run(env, write_config(folder))
-    return stages, pair_hashes(folder / "catalog")
+    pairs = pair_hashes(folder / "catalog")
+    assert pairs and all(cached == 0 for _, cached, _ in stages.values()), stages
+    return stages, pairs, folder / "results"
 
 
 def assert_no_pairs_visible(env: dict[str, str], catalog: Path) -> None:
@@ -188,6 +180,9 @@ def assert_no_pairs_visible(env: dict[str, str], catalog: Path) -> None:
 def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_pairs(point, env, reference, tmp_path):
     config = write_config(tmp_path)
     catalog = tmp_path / "catalog"
+    ref_stages, ref_pairs, ref_results = reference
+    if point in AFTER_LLM:  # every LLM shard already finished: straight to dedup / publish, no model loads
+        shutil.copytree(ref_results, tmp_path / "results")
     killed = run(env, [sys.executable, "-c", DRIVER, point, "run", str(config)])
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-4000:]
     assert_no_pairs_visible(env, catalog)
@@ -195,7 +190,6 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_pairs(point, env, r
         assert list((catalog / "data").rglob("*.parquet")) and (catalog / ".publishing").exists()
 
     stages = prefmill_run(env, config)
-    ref_stages, ref_pairs = reference
     assert pair_hashes(catalog) == ref_pairs
     assert Catalog(catalog).cleanup() == []  # no orphan left
     assert_llm_work_not_redone(point, stages, ref_stages)
