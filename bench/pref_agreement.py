@@ -37,7 +37,6 @@ import json
 import math
 import random
 import re
-import subprocess
 import sys
 import tarfile
 import time
@@ -45,9 +44,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._fetch import fetch_dist  # noqa: E402
 from operators.flr import FollowUpReward  # noqa: E402
 from operators.ids import stable_id  # noqa: E402
-from schemas.config import prefmill_home  # noqa: E402
 from serving.prefix_scorer import SharedPrefixScorer  # noqa: E402
 
 SDIST = "bigbench-1.0.0.tar.gz"
@@ -55,16 +54,6 @@ TASK_DIR = "bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment/"
 SUBSETS = ("harmless", "helpful", "honest", "other")
 TURN = re.compile(r"\n\n(Human|Assistant):")
 ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def fetch_sdist() -> Path:
-    cache = prefmill_home() / "cache"
-    sdist = cache / SDIST
-    if not sdist.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "bigbench==1.0.0",
-                        "-d", str(cache)], check=True)
-    return sdist
 
 
 def read_tasks(sdist: Path) -> dict[str, list[dict]]:
@@ -177,7 +166,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the interval")
     args = parser.parse_args()
-    pairs = load_pairs(fetch_sdist())
+    pairs = load_pairs(fetch_dist("bigbench==1.0.0", SDIST))
     total = len(pairs)
     if args.limit < total:
         pairs = random.Random(args.seed).sample(pairs, args.limit)
