@@ -124,6 +124,7 @@ class VLLMEngine:
         self._turn = threading.Condition()  # guards _busy and _in_flight
         self._busy = False  # a caller holds the engine (adds requests or steps it)
         self._in_flight: dict[str, tuple[Any, _Caller]] = {}
+        self._incoming: list[tuple[_Caller, list]] = []  # callers' first items, added by whoever steps next
         self._local = threading.local()  # .holding: this thread holds the engine (inside a callback)
 
     def close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
@@ -162,59 +163,33 @@ class VLLMEngine:
         self._run(lambda: [work(r) for r in requests])
 
     def _run(self, first: Callable[[], list]) -> None:
-        """Add `first()`'s work items to the shared batch and step the engine (taking turns with the other
+        """Queue `first()`'s work items for the shared batch and step the engine (taking turns with the other
         callers) until none of this caller's requests is left in flight. A work item is (prompt, params,
-        deliver): `deliver(finished output)` returns the follow-up items; a None prompt is delivered at once."""
-        from vllm.sampling_params import RequestOutputKind
+        deliver): `deliver(finished output)` returns the follow-up items; a None prompt is delivered at once.
 
+        A caller does not need the engine to join: its items wait in `_incoming`, and whoever steps next
+        adds them before its step, so a stream that keeps the engine busy cannot keep another one out."""
         caller = _Caller()
-        engine = self.llm.llm_engine
-
-        def add(items: list) -> None:
-            while items:
-                prompt, params, deliver = items.pop(0)
-                if prompt is None:
-                    items.extend(deliver(None))
-                    continue
-                request_id = f"stream-{next(self._request_ids)}"
-                params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
-                engine.add_request(request_id, prompt, params)
-                self._in_flight[request_id] = (deliver, caller)
-                caller.pending += 1
-
-        def step() -> None:
-            for out in engine.step():
-                if not out.finished or out.request_id not in self._in_flight:
-                    continue
-                deliver, owner = self._in_flight.pop(out.request_id)
-                owner.pending -= 1
-                if owner.error is not None:
-                    continue
-                try:
-                    add(deliver(out))
-                except BaseException as e:  # this owner's callback failed: end only that owner
-                    owner.error = e
-                    self._abort(owner)
-
-        started = False
+        items = first()  # prompts are rendered and tokenized here, in the caller's thread
+        with self._turn:
+            self._incoming.append((caller, items))
+            caller.pending += 1  # the queued batch, until someone adds it
+            self._turn.notify_all()
         while True:
             with self._turn:
-                while self._busy and (not started or (caller.pending and caller.error is None)):
+                while self._busy and caller.pending and caller.error is None:
                     self._turn.wait()
-                if started and (not caller.pending or caller.error is not None):
+                if not caller.pending or caller.error is not None:
                     break
                 self._busy = True
+                incoming, self._incoming = self._incoming, []
             self._local.holding = True
             try:
-                if not started:
-                    started = True
-                    try:
-                        add(first())
-                    except BaseException as e:
-                        caller.error = e
-                        self._abort(caller)
-                else:
-                    step()
+                for owner, batch in incoming:
+                    owner.pending -= 1
+                    self._add(owner, batch)
+                if self._in_flight:
+                    self._step()
             except BaseException as e:  # the engine itself failed: every caller waiting on it fails
                 for _, owner in list(self._in_flight.values()):
                     owner.error = owner.error or e
@@ -228,6 +203,43 @@ class VLLMEngine:
                     self._turn.notify_all()
         if caller.error is not None:
             raise caller.error
+
+    def _add(self, owner: _Caller, items: list) -> None:
+        """Add `owner`'s work items (and the follow-ups of those answered at once) to the engine; an error
+        in the owner's callback ends that owner only."""
+        from vllm.sampling_params import RequestOutputKind
+
+        items = list(items)
+        try:
+            while items and owner.error is None:
+                prompt, params, deliver = items.pop(0)
+                if prompt is None:
+                    items.extend(deliver(None))
+                    continue
+                request_id = f"stream-{next(self._request_ids)}"
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
+                self.llm.llm_engine.add_request(request_id, prompt, params)
+                self._in_flight[request_id] = (deliver, owner)
+                owner.pending += 1
+        except BaseException as e:
+            owner.error = e
+            self._abort(owner)
+
+    def _step(self) -> None:
+        """One engine step; each finished request goes to its owner's callback, whose follow-ups join."""
+        for out in self.llm.llm_engine.step():
+            if not out.finished or out.request_id not in self._in_flight:
+                continue
+            deliver, owner = self._in_flight.pop(out.request_id)
+            owner.pending -= 1
+            if owner.error is None:
+                try:
+                    follow_ups = deliver(out)
+                except BaseException as e:  # this owner's callback failed: end only that owner
+                    owner.error = e
+                    self._abort(owner)
+                    continue
+                self._add(owner, follow_ups)
 
     def _abort(self, owner: _Caller) -> None:
         ids = [rid for rid, (_, o) in self._in_flight.items() if o is owner]

@@ -172,3 +172,32 @@ def test_calling_the_engine_from_a_callback_is_refused_not_a_deadlock(engine):
     with pytest.raises(RuntimeError, match="on_done"):
         engine.stream([Request(0, QUESTION, Sampling(max_tokens=4))], on_done)
     assert len(engine.chat([QUESTION], Sampling(max_tokens=4))[0]) == 1
+
+
+def test_a_caller_joins_a_busy_engine_at_once_instead_of_waiting_for_the_running_stream(engine):
+    """Fairness: a short request sent while another thread's long stream runs finishes first (it joins
+    the running batch; it is not queued behind the whole stream)."""
+    import threading
+    import time
+
+    from serving.protocols import Request
+
+    done: dict[str, float] = {}
+
+    def long_chain():
+        def on_done(request, completions):
+            if request.key < 5:
+                return [Request(request.key + 1, QUESTION, Sampling(seed=request.key, max_tokens=24))]
+            return []
+        engine.stream([Request(0, QUESTION, Sampling(seed=0, max_tokens=24))], on_done)
+        done["long"] = time.perf_counter()
+
+    thread = threading.Thread(target=long_chain)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not engine._in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.chat([QUESTION], Sampling(seed=9, max_tokens=4))
+    done["short"] = time.perf_counter()
+    thread.join()
+    assert done["short"] < done["long"]
