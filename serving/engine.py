@@ -177,17 +177,17 @@ class VLLMEngine:
             self._turn.notify_all()
         while True:
             with self._turn:
-                while self._busy and caller.pending and caller.error is None:
+                while self._busy and caller.pending > 0 and caller.error is None:
                     self._turn.wait()
-                if not caller.pending or caller.error is not None:
+                if caller.pending <= 0 or caller.error is not None:
                     break
                 self._busy = True
                 incoming, self._incoming = self._incoming, []
             self._local.holding = True
             try:
                 for owner, batch in incoming:
-                    owner.pending -= 1
                     self._add(owner, batch)
+                    owner.pending -= 1  # after adding: its thread must never see 0 while work is left
                 if self._in_flight:
                     self._step()
             except BaseException as e:  # the engine itself failed: every caller waiting on it fails
@@ -231,7 +231,6 @@ class VLLMEngine:
             if not out.finished or out.request_id not in self._in_flight:
                 continue
             deliver, owner = self._in_flight.pop(out.request_id)
-            owner.pending -= 1
             if owner.error is None:
                 try:
                     follow_ups = deliver(out)
@@ -240,6 +239,7 @@ class VLLMEngine:
                     self._abort(owner)
                     continue
                 self._add(owner, follow_ups)
+            owner.pending -= 1  # after its follow-ups joined: the owner's thread reads it to know it is done
 
     def _abort(self, owner: _Caller) -> None:
         ids = [rid for rid, (_, o) in self._in_flight.items() if o is owner]

@@ -201,3 +201,60 @@ def test_a_caller_joins_a_busy_engine_at_once_instead_of_waiting_for_the_running
     done["short"] = time.perf_counter()
     thread.join()
     assert done["short"] < done["long"]
+
+
+def test_concurrent_chat_calls_each_get_every_result(engine, monkeypatch):
+    """Callers in several threads, each batch added by whichever thread steps: every caller gets all its
+    results (adding a request is slowed down to widen the moment a batch is queued but not yet added)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    add_request = engine.llm.llm_engine.add_request
+
+    def slow_add(*args, **kwargs):
+        time.sleep(0.02)
+        return add_request(*args, **kwargs)
+
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", slow_add)
+
+    def call(k: int):
+        conversations = [[{"role": "user", "content": f"Say {k}-{i}."}] for i in range(3)]
+        return engine.chat(conversations, Sampling(n=2, seed=k, max_tokens=6))
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            results = list(pool.map(call, range(4)))
+            assert all(len(r) == 3 and all(len(samples) == 2 for samples in r) for r in results)
+
+
+def test_a_stream_returns_only_when_its_follow_ups_are_done_while_other_callers_come_and_go(engine):
+    """A stream whose slow callbacks keep it with nothing in flight for moments returns only after its
+    last follow-up, while other callers keep arriving (and waking it)."""
+    import threading
+    import time
+
+    from serving.protocols import Request
+
+    calls: list[int] = []
+
+    def on_done(request, completions):
+        calls.append(request.key)
+        time.sleep(0.05)  # a callback that takes a while (rendering, parsing, tokenizing follow-ups)
+        return [Request(request.key + 1, QUESTION, Sampling(seed=1, max_tokens=2))] if request.key < 6 else []
+
+    stop = threading.Event()
+
+    def others():
+        while not stop.is_set():
+            engine.chat([QUESTION], Sampling(seed=2, max_tokens=2))
+
+    threads = [threading.Thread(target=others) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        engine.stream([Request(0, QUESTION, Sampling(seed=1, max_tokens=2))], on_done)
+        assert calls == list(range(7))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
