@@ -15,22 +15,10 @@ import httpx
 import pytest
 
 from storage.catalog import Catalog
+from tests.flow_helpers import write_config
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-TINY = """
-shard_size = 2
-[seeds]
-limit = 2
-[selfchat]
-max_turns = 1
-max_tokens_per_turn = 48
-[candidates]
-n = 2
-max_tokens = 48
-[critiques]
-enabled = false
-"""
 
 
 def free_port() -> int:
@@ -82,10 +70,8 @@ def trigger(env, name: str) -> None:
 
 
 def test_a_served_deployment_runs_on_demand_and_dedups_against_its_last_run(prefect_env, tmp_path):
-    config = tmp_path / "tiny.toml"
+    config = write_config(tmp_path, shard_size=2)  # one shard
     catalog = tmp_path / "catalog"
-    # top-level keys before TINY's tables: after them TOML would put them inside [critiques]
-    config.write_text(f'catalog = "{catalog}"\nresult_storage = "{tmp_path / "results"}"\n' + TINY)
     served = subprocess.Popen([str(BIN / "prefmill"), "deploy", "nightly", "--cron", "0 3 * * *", "--config",
                                str(config)], env=prefect_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -96,7 +82,7 @@ def test_a_served_deployment_runs_on_demand_and_dedups_against_its_last_run(pref
 
         trigger(prefect_env, "nightly")
         first = Catalog(catalog).versions("pairs")
-        assert len(first) == 1
+        assert len(first) == 1 and first[0].rows_added > 0  # pairs to dedup against
         trigger(prefect_env, "nightly")
     finally:
         os.killpg(served.pid, signal.SIGTERM)
