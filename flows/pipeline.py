@@ -184,8 +184,14 @@ def pipeline(config: dict, run_key: str = "") -> RunResult:
 
     if not run_key and deployment.id:
         run_key = str(flow_run.scheduled_start_time)
-    pool, reporter = _LENT.get()
+    pool, reporter = lent()
     return run_pipeline(validate_pipeline_config(config), run_key, pool, reporter)
+
+
+def lent() -> tuple[Any, Reporter | None]:
+    """What `attached` lends this context. (A function, not the ContextVar itself, in the flow body: Prefect
+    pickles a served flow's function by value, globals included, and a ContextVar does not pickle.)"""
+    return _LENT.get()
 
 
 def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None,
