@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from schemas.config import EngineConfig
@@ -151,9 +151,10 @@ class ModelHost:
 
     def close(self) -> None:
         """Shut down the engines this host started (not preloaded ones: their owner closes them)."""
-        for engine in self._owned:
-            engine.close()
-        self._owned.clear()
+        with self._lock:  # not while another thread is still opening one
+            for engine in self._owned:
+                engine.close()
+            self._owned.clear()
 
 
 @dataclass
@@ -163,9 +164,14 @@ class HostSession:
 
     host: ModelHost
     meter: Meter
+    _chat: dict[str, LanguageModel] = field(default_factory=dict, repr=False)
 
     def chat_model(self, spec: str) -> LanguageModel:
-        return self.host.chat_model(spec, self.meter)
+        """One wrapper per spec: a step asking twice for the same model (assistant and simulator) must get
+        the same object, or `run_requests` sees two models and falls back from one stream to waves."""
+        if spec not in self._chat:
+            self._chat[spec] = self.host.chat_model(spec, self.meter)
+        return self._chat[spec]
 
     def scorer(self, spec: str) -> ContinuationScorer:
         return self.host.scorer(spec, self.meter)
