@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture, as_completed, wait
 
 from flows import steps as S
 from operators.candidates import CandidateSampler
@@ -274,6 +274,19 @@ def run_shards(cfg: PipelineConfig, seeds: pa.Table, result: RunResult, report: 
         futures |= {run_task.submit(steps[2], i, [rollouts[i], part, rewards[i]], wait_for=rewards): (i, "critiques")
                     for i, part in enumerate(parts)}
     stage_started = time.perf_counter()
+    try:
+        collect_shards(futures, shards, result, report, len(parts), stage_started)
+    except BaseException:
+        # a shard failed: let the shards still running finish (and persist) before the pool closes, so no
+        # engine is shut down under a running step (its replies would come back aborted)
+        wait(list(futures))
+        raise
+    return shards
+
+
+def collect_shards(futures: dict[PrefectFuture, tuple[int, str]], shards: list[dict], result: RunResult,
+                   report: Reporter, total: int, stage_started: float) -> None:
+    """Record each shard × stage result as it finishes; raises the first failure."""
     for future in as_completed(list(futures)):
         i, stage = futures[future]
         stats = result.stages.setdefault(stage, StageStats())
@@ -288,8 +301,7 @@ def run_shards(cfg: PipelineConfig, seeds: pa.Table, result: RunResult, report: 
             stats.spans.append((shard.started_at, shard.started_at + shard.seconds))
             stats.busy = busy_seconds(stats.spans)
         result.stage_wall[stage] = time.perf_counter() - stage_started
-        report(stage, stats.shards, len(parts))
-    return shards
+        report(stage, stats.shards, total)
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -186,14 +187,18 @@ class VLLMEngine:
             self._local.holding = True
             try:
                 for owner, batch in incoming:
-                    self._add(owner, batch)
-                    owner.pending -= 1  # after adding: its thread must never see 0 while work is left
+                    try:
+                        self._add(owner, batch)
+                    finally:
+                        owner.pending -= 1  # after adding: its thread must never see 0 while work is left
                 if self._in_flight:
                     self._step()
             except BaseException as e:  # the engine itself failed: every caller waiting on it fails
                 for _, owner in list(self._in_flight.values()):
                     owner.error = owner.error or e
                     owner.pending = 0
+                with contextlib.suppress(Exception):  # if it still runs, free the batch slots
+                    self.llm.llm_engine.abort_request(list(self._in_flight))
                 self._in_flight.clear()
                 caller.error = caller.error or e
             finally:
@@ -231,6 +236,12 @@ class VLLMEngine:
             if not out.finished or out.request_id not in self._in_flight:
                 continue
             deliver, owner = self._in_flight.pop(out.request_id)
+            reason = out.outputs[0].finish_reason if out.outputs else None
+            if owner.error is None and reason in {"abort", "error"}:  # we never abort a live owner's requests
+                owner.error = RuntimeError(f"the engine ended request {out.request_id} with '{reason}' "
+                                           "(was it shut down while steps were running?)")
+                self._abort(owner)
+                continue
             if owner.error is None:
                 try:
                     follow_ups = deliver(out)

@@ -98,3 +98,38 @@ def test_a_rerun_after_a_crash_computes_only_the_unfinished_shards(tmp_path, loc
     # only the unfinished shard was scored again: its 2 candidates (1 context × n=2), every follow-up
     assert stages["rewards"].requests == 2 * len(load_followups())
     assert resumed.versions["pairs"] >= 1
+
+
+class SlowSiblingPool:
+    """The first shard's rollout fails at once; the other shard's is still running for a while."""
+
+    def __init__(self):
+        self.running = 0
+        self.lock = __import__("threading").Lock()
+
+    def run(self, step, rows):
+        if rows[0]["seed_id"] == self.first:
+            raise RuntimeError("injected crash")
+        with self.lock:
+            self.running += 1
+        __import__("time").sleep(3)
+        with self.lock:
+            self.running -= 1
+        raise RuntimeError("sibling done")
+
+    def shutdown(self):
+        self.running_at_shutdown = self.running
+
+
+def test_a_failed_shard_waits_for_its_running_siblings_before_the_pool_closes(tmp_path, monkeypatch):
+    """Otherwise the run's pool (and its engine) would be shut down under a step still generating."""
+    import flows.pipeline
+    from operators.seeds import load_seeds
+
+    cfg = tiny_config(tmp_path)
+    pool = SlowSiblingPool()
+    pool.first = load_seeds().seeds.column("seed_id")[0].as_py()
+    monkeypatch.setattr(flows.pipeline, "open_pool", lambda _cfg: pool)  # the run opens (and closes) it
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run(cfg, None)
+    assert pool.running_at_shutdown == 0
