@@ -51,9 +51,11 @@ class RecordingSession(HostSession):
     records: list = field(default_factory=list)
 
     def chat_model(self, spec: str):
-        lm = CountingLM(self.host.chat_model(spec, self.meter), streaming=True)
-        lm.requests = self.records
-        return lm
+        if spec not in self._chat:  # one wrapper per spec (see HostSession): the rollout must stream
+            lm = CountingLM(self.host.chat_model(spec, self.meter), streaming=True)
+            lm.requests = self.records
+            self._chat[spec] = lm
+        return self._chat[spec]
 
 
 class StagePool(LocalPool):
