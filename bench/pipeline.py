@@ -38,7 +38,7 @@ from flows.pipeline import attached, busy_seconds, pipeline  # noqa: E402
 from flows.report import stage_rows  # noqa: E402
 from schemas.config import load_pipeline_config  # noqa: E402
 from serving.engine import VLLMEngine  # noqa: E402
-from serving.hosts import HostSession, LocalPool, Meter, ModelHost, StepRun  # noqa: E402
+from serving.hosts import HostSession, LocalPool, Meter, ModelHost, run_step  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "flows" / "configs" / "demo.toml"
 
@@ -68,12 +68,10 @@ class StagePool(LocalPool):
 
     def run(self, step, rows):
         session = RecordingSession(self.host, Meter())
-        started_at, started = time.time(), time.perf_counter()
-        value = step(rows, session)
-        seconds = time.perf_counter() - started
+        done = run_step(step, rows, self.host, session)
         with self._lock:
             self.requests.setdefault(step.name, []).extend(session.records)
-        return StepRun(value, seconds, session.meter.requests, session.meter.tokens, started_at)
+        return done
 
 
 def main() -> None:

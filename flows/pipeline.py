@@ -66,11 +66,15 @@ class StageStats:
     shards: int = 0
     cached: int = 0
     seconds: float = 0.0  # the shards' compute seconds, summed (they may overlap: shards run at once)
-    busy: float = 0.0  # seconds during which at least one of the stage's shards was computing
     requests: int = 0
     tokens: int = 0
     rows: int = 0
     spans: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+    @property
+    def busy(self) -> float:
+        """Seconds during which at least one of the stage's shards was computing."""
+        return busy_seconds(self.spans)
 
 
 @dataclass
@@ -299,7 +303,6 @@ def collect_shards(futures: dict[PrefectFuture, tuple[int, str]], shards: list[d
             stats.requests += shard.requests
             stats.tokens += shard.tokens
             stats.spans.append((shard.started_at, shard.started_at + shard.seconds))
-            stats.busy = busy_seconds(stats.spans)
         result.stage_wall[stage] = time.perf_counter() - stage_started
         report(stage, stats.shards, total)
 

@@ -143,12 +143,6 @@ class ModelHost:
         """A view of this host for one step: the same models, counted on a meter of its own."""
         return HostSession(self, Meter())
 
-    def take_meter(self) -> Meter:
-        """The counts since the last call, and start counting from zero."""
-        reading = Meter(self.meter.requests, self.meter.tokens)
-        self.meter.requests = self.meter.tokens = 0
-        return reading
-
     def close(self) -> None:
         """Shut down the engines this host started (not preloaded ones: their owner closes them)."""
         with self._lock:  # not while another thread is still opening one
@@ -177,9 +171,10 @@ class HostSession:
         return self.host.scorer(spec, self.meter)
 
 
-def run_step(step: Step, rows: Any, host: ModelHost) -> StepRun:
-    """Call `step(rows, session)` on a session of `host` and measure it (other steps may run beside it)."""
-    session = host.session()
+def run_step(step: Step, rows: Any, host: ModelHost, session: HostSession | None = None) -> StepRun:
+    """Call `step(rows, session)` on a session of `host` (a new one unless given) and measure it (other
+    steps may run beside it)."""
+    session = session or host.session()
     started_at, started = time.time(), time.perf_counter()
     value = step(rows, session)
     seconds = time.perf_counter() - started
