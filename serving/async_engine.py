@@ -26,9 +26,8 @@ from serving.engine import (
     engine_kwargs,
     sampling_params,
     token_counts,
-    too_long,
 )
-from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling
+from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling, too_long
 from serving.render import hf_render, hf_tokenize, scoring_prompts
 
 
@@ -124,7 +123,7 @@ class AsyncVLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if len(prompt["prompt_token_ids"]) + sampling.max_tokens > self.max_model_len:
-            return too_long(sampling)  # answered per request, like the sync engine: the batch goes on
+            return too_long(sampling.n)  # answered per request, like the sync engine: the batch goes on
         params = sampling_params(sampling)
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output holding all n samples
         final = None

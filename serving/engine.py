@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from schemas.config import EngineConfig
 from serving.models import resolve_model
-from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, Message, OnDone, Request, Sampling
+from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling, too_long
 from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 GPU_KV_CACHE_FRACTION = 0.85
@@ -157,7 +157,7 @@ class VLLMEngine:
         def work(request: Request) -> tuple[Any, Any, Callable[[Any], list]]:
             prompt = chat_prompt(self.tokenizer, request.conversation)
             if len(prompt["prompt_token_ids"]) + request.sampling.max_tokens > self.max_model_len:
-                return None, None, lambda _: [work(r) for r in on_done(request, too_long(request.sampling))]
+                return None, None, lambda _: [work(r) for r in on_done(request, too_long(request.sampling.n))]
             params = sampling_params(request.sampling)
             return prompt, params, lambda out: [work(r) for r in on_done(request, completions(out))]
 
@@ -302,11 +302,6 @@ class VLLMEngine:
 
         self._run(lambda: [item(i, p) for i, p in enumerate(prompts)])
         return results
-
-
-def too_long(sampling: Sampling) -> list[Completion]:
-    """The answer to a request that does not fit the context window: `n` empty completions."""
-    return [Completion("", 0, PROMPT_TOO_LONG) for _ in range(sampling.n)]
 
 
 def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import httpx
 
 from serving.models import resolve_model
-from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, Message, Sampling
+from serving.protocols import Completion, Conversation, Message, Sampling, too_long
 from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 
@@ -55,7 +55,7 @@ class OpenAICompatibleClient:
         try:
             data = self._post("/chat/completions", {**body, "messages": list(conversation)})
         except ContextWindowExceeded:
-            return [Completion("", 0, PROMPT_TOO_LONG)] * body["n"]
+            return too_long(body["n"])
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [Completion(c["message"]["content"] or "", _completion_tokens(data, len(choices)),
                            c.get("finish_reason") or "stop") for c in choices]

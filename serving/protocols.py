@@ -44,6 +44,11 @@ class Completion:
     finish_reason: str
 
 
+def too_long(n: int) -> list[Completion]:
+    """Every backend's answer to a request that does not fit the context window: `n` empty completions."""
+    return [Completion("", 0, PROMPT_TOO_LONG) for _ in range(n)]
+
+
 class LanguageModel(Protocol):
     """A chat model that can sample replies and score given continuations."""
 

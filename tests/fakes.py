@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, Message, Sampling
+from serving.protocols import Completion, Conversation, Message, Sampling, too_long
 
 Script = Callable[[Conversation, Sampling, int], str]
 
@@ -25,7 +25,7 @@ class ScriptedLM:
         out = []
         for conv in conversations:
             if self._too_long(conv, sampling):
-                out.append([Completion("", 0, PROMPT_TOO_LONG)] * sampling.n)
+                out.append(too_long(sampling.n))
                 continue
             texts = [self.script(conv, sampling, k) for k in range(sampling.n)]
             out.append([self._completion(t, sampling.max_tokens) for t in texts])
