@@ -21,9 +21,10 @@ CatalogOption = typer.Option(None, "--catalog", envvar="PREFMILL_CATALOG",
                              help="catalog folder (default: under PREFMILL_HOME)")
 
 
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}")  # a message's [brackets] are text, not markup
-    raise typer.Exit(2)
+def _fail(message: str, code: int = 2) -> None:
+    # one line however wide the terminal (it wraps it); a message's [brackets] are text, not markup
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
 
 
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.toml"
@@ -55,7 +56,7 @@ def demo(
 
 def _run(config: Path | None, overrides: list[str], catalog: Path | None, ray_address: str | None,
          verbose: bool) -> None:
-    from flows.runner import run_command
+    from flows.runner import PrefectApiLost, PrefectApiUnreachable, run_command
     from operators.flr import FollowUpFileError
     from operators.seeds import SeedFileError
     from schemas.config import ConfigError
@@ -64,8 +65,10 @@ def _run(config: Path | None, overrides: list[str], catalog: Path | None, ray_ad
     extra += [f"ray.address={json.dumps(ray_address)}", "backend=ray"] if ray_address else []
     try:
         run_command(config, [*extra, *overrides], console, verbose)
-    except (ConfigError, SeedFileError, FollowUpFileError) as exc:
-        _fail(str(exc))
+    except (ConfigError, SeedFileError, FollowUpFileError, PrefectApiUnreachable) as exc:
+        _fail(str(exc))  # nothing started
+    except PrefectApiLost as exc:
+        _fail(str(exc), code=1)  # the run started; a re-run resumes
 
 
 @app.command()

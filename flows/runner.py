@@ -7,16 +7,22 @@ import time, and Ray actors inherit it); `verbose` leaves every engine log on.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import queue
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from schemas.config import PipelineConfig, load_pipeline_config
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": "ERROR",
@@ -36,17 +42,26 @@ DEFAULT_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HU
 STAGE_LABELS = {"rollout": "self-chat + candidates", "rewards": "FLR rewards", "critiques": "critiques + revision"}
 
 
+class PrefectApiUnreachable(Exception):
+    """PREFECT_API_URL names an API that does not answer; raised before anything starts."""
+
+
+class PrefectApiLost(Exception):
+    """The Prefect API stopped answering during the run (for longer than its client retries)."""
+
+
 def configure_environment(verbose: bool) -> None:
     """Engine and orchestrator log levels (quiet unless `verbose`); never overrides what the user set."""
     for key, value in DEFAULT_ENV.items() | ({} if verbose else QUIET_ENV).items():
         os.environ.setdefault(key, value)
     if not verbose:
-        import logging
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         # logged while vLLM imports, before its own log level applies: Triton has no CPU backend here
         logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
+        # a run that lost its Prefect API ends with one line saying so; Prefect's log of it needs no traceback
+        logging.getLogger("prefect.flow_runs").addFilter(_no_traceback_for_a_lost_api)
 
 
 def run_command(config_path: Path | None, overrides: Sequence[str], console: Console, verbose: bool = False):
@@ -58,11 +73,120 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     from flows.pipeline import attached, pipeline
     from flows.report import print_summary
 
+    check_prefect_api()
     start_temporary_api()
-    with stage_progress(console, cfg) as report, attached(reporter=report):
-        result = pipeline(cfg.model_dump(mode="json"))
+    try:
+        with stage_progress(console, cfg) as report, attached(reporter=report):
+            result = pipeline(cfg.model_dump(mode="json"))
+    except Exception as exc:
+        url = prefect_api_url()
+        lost = api_connection_error(exc, url)
+        if lost is None:
+            raise
+        drop_undeliverable()
+        raise PrefectApiLost(lost_api_message(cfg, url, lost)) from exc
     print_summary(console, cfg, result)
     return result
+
+
+def check_prefect_api() -> None:
+    """When PREFECT_API_URL names a server, fail now (in a second, before an engine starts) if it does not
+    answer, rather than with the client's traceback once the flow starts."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    try:
+        with get_client(sync_client=True) as client:  # entering checks the API's version
+            error = client.api_healthcheck()
+    except Exception as exc:  # the version check's RuntimeError("Failed to reach API …") from the real cause
+        error = exc.__cause__ or exc
+    if error is not None:
+        raise PrefectApiUnreachable(
+            f"no Prefect API answers at {url.rstrip('/')} ({type(error).__name__}: {error}); start it "
+            "(prefect server start), fix PREFECT_API_URL, or unset PREFECT_API_URL to run with a temporary API")
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process talks to: PREFECT_API_URL, else the temporary API if one runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value().rstrip("/")
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    return server.api_url if server.running else None
+
+
+def api_connection_error(exc: BaseException | None, url: str | None):
+    """The `httpx.TransportError` (connection refused, timed out, reset) of a request to the Prefect API at
+    `url` in `exc`'s chain of causes, if any. (Other clients' errors, e.g. the HTTP backend's, are not it.)"""
+    import httpx
+
+    seen: set[int] = set()
+    while url and exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, httpx.TransportError):
+            with contextlib.suppress(RuntimeError):  # an error raised outside a request has none
+                if str(exc.request.url).startswith(url):
+                    return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _no_traceback_for_a_lost_api(record: logging.LogRecord) -> bool:
+    if record.exc_info and api_connection_error(record.exc_info[1], prefect_api_url()):
+        record.exc_info = record.exc_text = None  # the message keeps the error's repr
+    return True
+
+
+def lost_api_message(cfg: PipelineConfig, url: str, error: Exception) -> str:
+    """What happened and what to do: the flow ends by reporting to the API, so a run that lost it may have
+    published already (then a re-run finds the run published) or not (then it resumes from the cache)."""
+    from flows.pipeline import find_published, run_id
+    from storage.catalog import Catalog
+
+    what = f"the Prefect API at {url} stopped answering ({type(error).__name__}: {error})"
+    seeds = check_input_files(cfg)
+    seeds = seeds.slice(0, cfg.seeds.limit) if cfg.seeds.limit else seeds  # as the flow takes them
+    try:
+        published = find_published(Catalog(cfg.catalog), run_id(cfg, seeds, ""))
+    except Exception:  # e.g. a PostgreSQL catalog gone too: say what is certain
+        return (f"{what}. Finished shards are in the result cache: once the API is up, run the same command "
+                "again to resume (or to find the run published)")
+    if published:
+        return (f"{what} after this run published {cfg.dataset} version {published.get(cfg.dataset, '?')}; "
+                "Prefect keeps its flow run as running. The data is complete: once the API is up, run the same "
+                "command again (it finds the run published and records it)")
+    return (f"{what}; nothing was published. Finished shards are in the result cache: once the API is up, "
+            "run the same command again to resume")
+
+
+def drop_undeliverable() -> None:
+    """The API is gone: drop the events and logs still queued for it and quiet their senders. Otherwise
+    Prefect tries each queued event for about 7 s when the process exits (minutes for a long run), logging
+    an error for each after the run's own message."""
+    for name in ("prefect.events.clients", "prefect._internal.concurrency", "EventsWorker", "APILogWorker"):
+        logging.getLogger(name).disabled = True  # not a level: Prefect's internal loggers ignore theirs
+    from prefect._internal.concurrency.services import _QueueServiceBase
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    # private to prefect 3.7 (pinned): every service's instances, and each one's queue
+    for service in list(getattr(_QueueServiceBase, "_instances", {}).values()):
+        items = getattr(service, "_queue", None)
+        if not isinstance(service, (EventsWorker, APILogWorker)) or items is None:
+            continue
+        kept = 0
+        with contextlib.suppress(queue.Empty):
+            while True:
+                kept += items.get_nowait() is None  # a stop signal stays, or the service never ends
+                items.task_done()
+        for _ in range(kept):
+            items.put_nowait(None)
 
 
 # Runs beside a temporary Prefect API: when the process that started it is gone (killed with -9, so its
@@ -100,14 +224,15 @@ def start_temporary_api() -> int | None:
     return pid
 
 
-def check_input_files(cfg: PipelineConfig) -> None:
+def check_input_files(cfg: PipelineConfig) -> pa.Table:
     """Read the seed and follow-up files before Prefect or an engine starts, so a bad one fails in a second
-    with its `SeedFileError` / `FollowUpFileError` instead of after the flow is up."""
+    with its `SeedFileError` / `FollowUpFileError` instead of after the flow is up. Returns the seeds."""
     from operators.flr import DEFAULT_FOLLOWUPS, load_followups
     from operators.seeds import BUILTIN_SEEDS, load_seeds
 
-    load_seeds(Path(cfg.seeds.path) if cfg.seeds.path else BUILTIN_SEEDS)
+    seeds = load_seeds(Path(cfg.seeds.path) if cfg.seeds.path else BUILTIN_SEEDS).seeds
     load_followups(cfg.flr.followups or DEFAULT_FOLLOWUPS)
+    return seeds
 
 
 class stage_progress:

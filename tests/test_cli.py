@@ -15,9 +15,9 @@ import pytest
 PREFMILL = str(Path(sys.executable).with_name("prefmill"))
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([PREFMILL, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"},
-                            timeout=600)
+def run(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([PREFMILL, *args], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "250", **(env or {})}, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -83,6 +83,21 @@ def test_run_with_an_invalid_config_fails_before_anything_starts(tmp_path):
     assert "candidates.n = 1: Input should be greater than or equal to 2" in result.stdout
     assert "backend = 'tpu'" in result.stdout
     assert time.monotonic() - started < 60 and not (tmp_path / "meta.ducklake").exists()
+
+
+def test_run_against_a_prefect_api_that_is_down_fails_in_one_line_before_anything_starts(tmp_path):
+    from tests.test_flow_deploy import free_port
+
+    api = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    started = time.monotonic()
+    result = run("run", "--catalog", str(tmp_path / "catalog"), check=False,
+                 env={"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect")})
+    out = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2
+    assert out.splitlines() == [f"error: no Prefect API answers at {api} (ConnectError: [Errno 111] Connection "
+                                "refused); start it (prefect server start), fix PREFECT_API_URL, or unset "
+                                "PREFECT_API_URL to run with a temporary API"], out[-3000:]
+    assert time.monotonic() - started < 60 and not (tmp_path / "catalog").exists()
 
 
 @pytest.mark.slow
