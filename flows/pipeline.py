@@ -204,7 +204,7 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None,
     one is opened for `cfg.backend` on first need and closed at the end."""
     started = time.perf_counter()
     loaded = load_seeds(Path(cfg.seeds.path) if cfg.seeds.path else BUILTIN_SEEDS)
-    seeds = loaded.seeds.slice(0, cfg.seeds.limit) if cfg.seeds.limit else loaded.seeds
+    seeds = run_seeds(cfg, loaded.seeds)
     result = RunResult(run_id(cfg, seeds, run_key), cfg.fingerprint())
     catalog = Catalog(cfg.catalog)
     published = find_published(catalog, result.run_id)
@@ -223,6 +223,11 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None,
 
     create_artifacts(result)
     return result
+
+
+def run_seeds(cfg: PipelineConfig, seeds: pa.Table) -> pa.Table:
+    """The seeds a run takes from its seed file (`seeds.limit` first ones, else all)."""
+    return seeds.slice(0, cfg.seeds.limit) if cfg.seeds.limit else seeds
 
 
 def run_id(cfg: PipelineConfig, seeds: pa.Table, run_key: str) -> str:
@@ -394,8 +399,11 @@ def pipeline_pool(cfg: PipelineConfig, pool: Any = None) -> Iterator[None]:
         yield
     finally:
         _RUN.reset(token)
-        if runtime.owned is not None:
-            runtime.owned.shutdown()
+        owned, runtime.pool, runtime.owned = runtime.owned, None, None
+        if owned is not None:
+            # Prefect keeps copies of a task's context (with this Runtime) in services that outlive the run
+            # (its event-loop thread's shutdown calls): the Runtime must not keep the pool's models alive.
+            owned.shutdown()
 
 
 def open_pool(cfg: PipelineConfig) -> Any:

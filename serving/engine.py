@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -90,6 +91,30 @@ def sampling_params(sampling: Sampling):
     )
 
 
+def release_import_tracebacks() -> None:
+    """vLLM keeps some failed optional imports as exceptions in module globals (`_torchcodec_import_exc`,
+    to re-raise if audio is ever used). Their tracebacks hold every frame of the stack that first imported
+    vLLM: in a flow, a task's frames, so that run's engine and context were never freed. The message stays;
+    only the traceback goes."""
+    for name, module in list(sys.modules.items()):
+        if name == "vllm" or name.startswith("vllm."):
+            for value in list(getattr(module, "__dict__", {}).values()):
+                if isinstance(value, BaseException):
+                    value.__traceback__ = None
+
+
+def forget_tokenizer_caches() -> None:
+    """Drop vLLM's memo of which keywords a callable takes. It is keyed on each engine's own tokenizer
+    methods (`TokenizerPool.apply_chat_template` is a class made per engine), so it kept every closed
+    engine's tokenizer copies alive, ~20 MiB each, in a process that opens an engine per run. Clearing a
+    memo costs only its recomputation."""
+    from vllm.utils import func_utils
+
+    cached = getattr(func_utils, "_supports_kw", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
 class _Caller:
     """One `stream()`/`chat()`/`score` call on a shared engine: how many of its requests are in flight, and
     the error that ended it (its `on_done` raised, or the engine failed)."""
@@ -127,12 +152,15 @@ class VLLMEngine:
         self._in_flight: dict[str, tuple[Any, _Caller]] = {}
         self._incoming: list[tuple[_Caller, list]] = []  # callers' first items, added by whoever steps next
         self._local = threading.local()  # .holding: this thread holds the engine (inside a callback)
+        release_import_tracebacks()
 
     def close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit. vLLM's default grace is
         5 s, then SIGKILL: on a loaded CPU the engine process is killed before it unlinks its shared-memory
         queue, and the resource tracker reports a leaked segment at exit."""
         self.llm.llm_engine.engine_core.shutdown(timeout=timeout)
+        forget_tokenizer_caches()
+        release_import_tracebacks()  # also those of vLLM modules first imported after this engine started
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sampling) -> list[list[Completion]]:
         """`sampling.n` completions per conversation; joins the engine's running batch like `stream`."""

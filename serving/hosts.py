@@ -148,7 +148,10 @@ class ModelHost:
         with self._lock:  # not while another thread is still opening one
             for engine in self._owned:
                 engine.close()
+            owned = {id(engine) for engine in self._owned}
+            self._models = {spec: m for spec, m in self._models.items() if id(m) not in owned}
             self._owned.clear()
+            self._scorers.clear()  # a closed host keeps no model's memory alive for whoever still holds it
 
 
 @dataclass

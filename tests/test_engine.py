@@ -258,3 +258,32 @@ def test_a_stream_returns_only_when_its_follow_ups_are_done_while_other_callers_
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_a_closed_engine_leaves_no_tokenizer_behind(model_path):
+    """A long-lived process (`flow.serve`, the soak) opens an engine per run: once one is closed and
+    dropped, its tokenizer and vLLM's copies of it (~20 MiB each) must go too, all but the one vLLM caches
+    per model path (the next engine reuses it). Two holders kept them:
+    vLLM's `_supports_kw` memo, keyed on each engine's own `TokenizerPool.apply_chat_template`, and a
+    failed optional import's traceback holding the frames (and `self`) of whoever first imported vLLM."""
+    import gc
+    import weakref
+
+    from serving.engine import VLLMEngine
+
+    def tokenizers() -> int:
+        gc.collect()
+        return sum(type(o).__name__.startswith(("CachedTokenizer", "TokenizerPool")) for o in gc.get_objects())
+
+    from vllm.tokenizers.registry import cached_get_tokenizer  # vLLM's tokenizer per model path: kept, bounded
+
+    before, cached = tokenizers(), cached_get_tokenizer.cache_info().currsize
+    engine = VLLMEngine()
+    engine.chat([QUESTION], Sampling(seed=1, max_tokens=4))
+    engine.score([QUESTION], [{"role": "assistant", "content": "Wires."}])
+    assert tokenizers() > before
+    tokenizer = weakref.ref(engine.tokenizer)
+    engine.close()
+    del engine
+    assert tokenizers() == before + cached_get_tokenizer.cache_info().currsize - cached  # collects first
+    assert tokenizer() is None
