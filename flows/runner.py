@@ -146,14 +146,12 @@ def _no_traceback_for_a_lost_api(record: logging.LogRecord) -> bool:
 def lost_api_message(cfg: PipelineConfig, url: str, error: Exception) -> str:
     """What happened and what to do: the flow ends by reporting to the API, so a run that lost it may have
     published already (then a re-run finds the run published) or not (then it resumes from the cache)."""
-    from flows.pipeline import find_published, run_id
+    from flows.pipeline import find_published, run_id, run_seeds
     from storage.catalog import Catalog
 
     what = f"the Prefect API at {url} stopped answering ({type(error).__name__}: {error})"
-    seeds = check_input_files(cfg)
-    seeds = seeds.slice(0, cfg.seeds.limit) if cfg.seeds.limit else seeds  # as the flow takes them
     try:
-        published = find_published(Catalog(cfg.catalog), run_id(cfg, seeds, ""))
+        published = find_published(Catalog(cfg.catalog), run_id(cfg, run_seeds(cfg, check_input_files(cfg)), ""))
     except Exception:  # e.g. a PostgreSQL catalog gone too: say what is certain
         return (f"{what}. Finished shards are in the result cache: once the API is up, run the same command "
                 "again to resume (or to find the run published)")
