@@ -104,12 +104,23 @@ class Runtime:
     pool: Any = None
     owned: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
     def get_pool(self) -> Any:
         with self.lock:
+            if self.closed:  # a task still running after its run ended (interrupted) must not open a new pool
+                raise RuntimeError("this pipeline run has ended; its models are closed")
             if self.pool is None:
                 self.pool = self.owned = open_pool(self.cfg)
             return self.pool
+
+    def close(self) -> None:
+        """Shut down the pool this run opened and let go of it: Prefect keeps copies of a task's context
+        (with this Runtime) in services that outlive the run, which must not keep the models alive."""
+        with self.lock:
+            owned, self.pool, self.owned, self.closed = self.owned, None, None, True
+        if owned is not None:
+            owned.shutdown()
 
 
 # Context, not process globals: Prefect runs a flow's tasks in threads with a copy of the flow's context, so
@@ -399,11 +410,7 @@ def pipeline_pool(cfg: PipelineConfig, pool: Any = None) -> Iterator[None]:
         yield
     finally:
         _RUN.reset(token)
-        owned, runtime.pool, runtime.owned = runtime.owned, None, None
-        if owned is not None:
-            # Prefect keeps copies of a task's context (with this Runtime) in services that outlive the run
-            # (its event-loop thread's shutdown calls): the Runtime must not keep the pool's models alive.
-            owned.shutdown()
+        runtime.close()
 
 
 def open_pool(cfg: PipelineConfig) -> Any:

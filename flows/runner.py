@@ -60,8 +60,6 @@ def configure_environment(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         # logged while vLLM imports, before its own log level applies: Triton has no CPU backend here
         logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
-        # a run that lost its Prefect API ends with one line saying so; Prefect's log of it needs no traceback
-        logging.getLogger("prefect.flow_runs").addFilter(_no_traceback_for_a_lost_api)
 
 
 def run_command(config_path: Path | None, overrides: Sequence[str], console: Console, verbose: bool = False):
@@ -75,6 +73,11 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
 
     check_prefect_api()
     start_temporary_api()
+    # a run that lost its Prefect API ends with one line saying so (below); Prefect's log of it needs no
+    # traceback. Only for this command: a served deployment has no such line to replace it.
+    flow_log = logging.getLogger("prefect.flow_runs")
+    if not verbose:
+        flow_log.addFilter(_no_traceback_for_a_lost_api)
     try:
         with stage_progress(console, cfg) as report, attached(reporter=report):
             result = pipeline(cfg.model_dump(mode="json"))
@@ -85,6 +88,8 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
             raise
         drop_undeliverable()
         raise PrefectApiLost(lost_api_message(cfg, url, lost)) from exc
+    finally:
+        flow_log.removeFilter(_no_traceback_for_a_lost_api)
     print_summary(console, cfg, result)
     return result
 
@@ -126,15 +131,24 @@ def api_connection_error(exc: BaseException | None, url: str | None):
     `url` in `exc`'s chain of causes, if any. (Other clients' errors, e.g. the HTTP backend's, are not it.)"""
     import httpx
 
-    seen: set[int] = set()
-    while url and exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, httpx.TransportError):
+    if not url:
+        return None
+    api = str(httpx.URL(url)).rstrip("/") + "/"  # as httpx writes a request's URL: host lower-cased, no :80
+    for error in causes(exc):
+        if isinstance(error, httpx.TransportError):
             with contextlib.suppress(RuntimeError):  # an error raised outside a request has none
-                if str(exc.request.url).startswith(url):
-                    return exc
-        exc = exc.__cause__ or exc.__context__
+                if str(error.request.url).startswith(api):
+                    return error
     return None
+
+
+def causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 def _no_traceback_for_a_lost_api(record: logging.LogRecord) -> bool:

@@ -99,8 +99,11 @@ def release_import_tracebacks() -> None:
     for name, module in list(sys.modules.items()):
         if name == "vllm" or name.startswith("vllm."):
             for value in list(getattr(module, "__dict__", {}).values()):
-                if isinstance(value, BaseException):
-                    value.__traceback__ = None
+                seen: list[BaseException] = []
+                while isinstance(value, BaseException) and all(value is not e for e in seen):
+                    seen.append(value)
+                    value.__traceback__ = None  # and those of the errors it was raised from or during
+                    value = value.__cause__ or value.__context__
 
 
 def forget_tokenizer_caches() -> None:

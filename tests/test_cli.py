@@ -100,6 +100,24 @@ def test_run_against_a_prefect_api_that_is_down_fails_in_one_line_before_anythin
     assert time.monotonic() - started < 60 and not (tmp_path / "catalog").exists()
 
 
+@pytest.mark.parametrize("configured", ["http://LOCALHOST:80/api", "http://localhost/api/"])
+def test_a_connection_error_is_recognised_as_the_prefect_apis_however_its_url_is_written(configured):
+    """httpx writes a request's URL lower-cased and without a default port; PREFECT_API_URL may not be."""
+    import httpx
+
+    from flows.runner import api_connection_error
+
+    def refused(url: str) -> httpx.ConnectError:
+        return httpx.ConnectError("[Errno 111] Connection refused", request=httpx.Request("POST", url))
+
+    assert api_connection_error(refused("http://localhost/api/flow_runs/filter"), configured) is not None
+    wrapped = RuntimeError("task failed")
+    wrapped.__cause__ = refused("http://localhost/api/artifacts/")
+    assert api_connection_error(wrapped, configured) is wrapped.__cause__
+    assert api_connection_error(refused("http://localhost/apix/flow_runs"), configured) is None
+    assert api_connection_error(refused("http://127.0.0.1:8000/v1/completions"), configured) is None  # the http backend
+
+
 @pytest.mark.slow
 def test_run_shows_progress_and_a_summary_without_engine_logs(tmp_path, model_path):
     from storage.catalog import Catalog

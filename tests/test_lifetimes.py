@@ -10,6 +10,8 @@ import sys
 import types
 import weakref
 
+import pytest
+
 from schemas.config import load_pipeline_config
 
 
@@ -66,8 +68,11 @@ def test_no_vllm_module_keeps_a_traceback_holding_its_importers_frames():
 
     probe = types.ModuleType("vllm._prefmill_probe")
     try:
-        raise ModuleNotFoundError("No module named 'optional_dep'")
-    except ModuleNotFoundError as error:
+        try:
+            raise OSError("libffmpeg.so: cannot open shared object file")
+        except OSError as cause:
+            raise RuntimeError("could not load optional_dep") from cause
+    except RuntimeError as error:
         probe.import_error = error
     sys.modules[probe.__name__] = probe
     try:
@@ -75,8 +80,18 @@ def test_no_vllm_module_keeps_a_traceback_holding_its_importers_frames():
         release_import_tracebacks()
     finally:
         del sys.modules[probe.__name__]
-    assert probe.import_error.__traceback__ is None and str(probe.import_error) == "No module named 'optional_dep'"
-    held = [(name, key) for name, module in list(sys.modules.items()) if name.split(".")[0] == "vllm"
-            for key, value in list(vars(module).items())
-            if isinstance(value, BaseException) and value.__traceback__ is not None]
-    assert held == []
+    assert probe.import_error.__traceback__ is None and probe.import_error.__cause__.__traceback__ is None
+    assert str(probe.import_error) == "could not load optional_dep"  # the message stays
+
+
+def test_a_runtime_that_ended_refuses_to_open_another_pool(tmp_path, monkeypatch):
+    """A task still running when its run ends (an interrupted run) must not open a pool nobody closes."""
+    import flows.pipeline as P
+
+    monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
+    runtime = P.Runtime(load_pipeline_config(None, [f'catalog="{tmp_path}"']))
+    pool = runtime.get_pool()
+    runtime.close()
+    assert pool.closed and runtime.pool is None
+    with pytest.raises(RuntimeError, match="run has ended"):
+        runtime.get_pool()
