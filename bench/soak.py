@@ -4,10 +4,13 @@ own engine (opened and shut down by the run) and its own publish into the same c
 
 Every run also gets new sampling seeds, like new data each night: with the same seeds every shard after the
 first run would come from the result cache and no engine would start, which is not what a soak should load.
-After each run (and a `gc.collect()`) it records this process's RSS, its open file descriptors and its live
-child processes (the temporary Prefect API stays for the life of the process; engine processes must not).
-Last line: one JSON object with `rss_growth_ratio` (RSS after the last run ÷ after the first) and
-`fd_growth` (fds after the last run − after the first).
+After each run (and a `gc.collect()`) it records this process's RSS, its live Python objects, its open file
+descriptors and its live child processes (the temporary Prefect API stays for the life of the process;
+engine processes must not). Last line: one JSON object with `rss_growth_ratio` (RSS after the last run ÷
+after the first, as issue 12 defines it), `fd_growth` (fds after the last run − after the first), and, to
+tell a leak from warm-up, `rss_mib_per_run` (least-squares slope of RSS over the runs after the first two:
+the first runs still import and cache things once per process) and `object_growth` (live objects, last −
+second run; a leak of Python objects shows here, allocator noise does not).
 
     .venv/bin/python bench/soak.py [--runs 5] [--set key=value ...]
 """
@@ -30,12 +33,22 @@ TINY = ["seeds.limit=2", "shard_size=1", "selfchat.max_turns=1", "selfchat.max_t
 
 
 def sample() -> dict[str, float]:
-    """This process's resident memory (MiB), open file descriptors and live child processes."""
+    """This process's resident memory (MiB), live Python objects, open file descriptors and live child
+    processes."""
     import psutil
 
     me = psutil.Process()
-    return {"rss_mib": round(me.memory_info().rss / 2**20, 1), "fds": len(os.listdir("/proc/self/fd")),
-            "children": len(me.children(recursive=True))}
+    return {"rss_mib": round(me.memory_info().rss / 2**20, 1), "objects": len(gc.get_objects()),
+            "fds": len(os.listdir("/proc/self/fd")), "children": len(me.children(recursive=True))}
+
+
+def slope(values: list[float]) -> float | None:
+    """Least-squares change per step of `values` (None for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
 
 
 def one_run(overrides: list[str], index: int, workdir: Path) -> dict:
@@ -69,9 +82,12 @@ def main() -> None:
         rows.append(one_run(args.overrides, index, workdir))
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
-    print(json.dumps({"runs": args.runs, "rss_mib": [r["rss_mib"] for r in rows], "fds": [r["fds"] for r in rows],
-                      "children": [r["children"] for r in rows],
+    settled = slope([r["rss_mib"] for r in rows[2:]])
+    print(json.dumps({"runs": args.runs, **{key: [r[key] for r in rows] for key in ("rss_mib", "objects", "fds",
+                                                                                     "children")},
                       "rss_growth_ratio": round(last["rss_mib"] / first["rss_mib"], 3),
+                      "rss_mib_per_run": None if settled is None else round(settled, 1),
+                      "object_growth": last["objects"] - rows[min(1, len(rows) - 1)]["objects"],
                       "fd_growth": last["fds"] - first["fds"], "child_growth": last["children"] - first["children"]}))
 
 
