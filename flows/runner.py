@@ -66,7 +66,7 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     """Run the pipeline for the config file + overrides and print the summary; returns the `RunResult`.
     Raises `ConfigError` before anything starts when the config is invalid."""
     cfg = load_pipeline_config(config_path, overrides)
-    check_input_files(cfg)
+    seeds = check_input_files(cfg)
     configure_environment(verbose)
     from flows.pipeline import attached, pipeline
     from flows.report import print_summary
@@ -87,7 +87,7 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
         if lost is None:
             raise
         drop_undeliverable()
-        raise PrefectApiLost(lost_api_message(cfg, url, lost)) from exc
+        raise PrefectApiLost(lost_api_message(cfg, seeds, url, lost)) from exc
     finally:
         flow_log.removeFilter(_no_traceback_for_a_lost_api)
     print_summary(console, cfg, result)
@@ -157,15 +157,16 @@ def _no_traceback_for_a_lost_api(record: logging.LogRecord) -> bool:
     return True
 
 
-def lost_api_message(cfg: PipelineConfig, url: str, error: Exception) -> str:
+def lost_api_message(cfg: PipelineConfig, seeds: pa.Table, url: str, error: Exception) -> str:
     """What happened and what to do: the flow ends by reporting to the API, so a run that lost it may have
-    published already (then a re-run finds the run published) or not (then it resumes from the cache)."""
+    published already (then a re-run finds the run published) or not (then it resumes from the cache).
+    `seeds`: the seed file's rows as `check_input_files` read them."""
     from flows.pipeline import find_published, run_id, run_seeds
     from storage.catalog import Catalog
 
     what = f"the Prefect API at {url} stopped answering ({type(error).__name__}: {error})"
     try:
-        published = find_published(Catalog(cfg.catalog), run_id(cfg, run_seeds(cfg, check_input_files(cfg)), ""))
+        published = find_published(Catalog(cfg.catalog), run_id(cfg, run_seeds(cfg, seeds), ""))
     except Exception:  # e.g. a PostgreSQL catalog gone too: say what is certain
         return (f"{what}. Finished shards are in the result cache: once the API is up, run the same command "
                 "again to resume (or to find the run published)")
