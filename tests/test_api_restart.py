@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from storage.catalog import Catalog
-from tests.test_crash import REPO, STAGE_ROW, run, write_config
+from tests.test_crash import REPO, run, stage_counts, write_config
 from tests.test_flow_deploy import BIN, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -138,13 +138,6 @@ def held_run(tmp_path):
         held.close()
 
 
-def stages(out: str) -> dict[str, tuple[int, int, int]]:
-    """Each LLM stage's (shards, cached, engine requests) from a run's summary."""
-    found = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in STAGE_ROW.finditer(out)}
-    assert set(found) == {"rollout", "rewards"}, out[-4000:]
-    return found
-
-
 def pairs_versions(config: Path) -> list:
     catalog = Catalog(config.parent / "catalog")
     return catalog.versions("pairs") if catalog.meta_path.exists() else []
@@ -173,7 +166,7 @@ def test_a_run_outlives_a_prefect_api_restart_or_resumes_and_publishes_once(held
         assert [r["state_type"] for r in runs] == ["COMPLETED"]
     else:
         assert first.strip().splitlines()[-1].startswith("error: "), first[-3000:]  # one clear line, no traceback
-        counts = stages(held.rerun())
+        counts = stage_counts(held.rerun())
         print(f"re-run stages (shards, cached, requests): {counts}")
         assert counts["rollout"][1] >= 1  # the shard finished before the restart is served from the cache
     published_once(held.config)
@@ -206,7 +199,7 @@ def test_a_run_whose_prefect_api_stays_down_stops_clearly_and_the_same_command_t
         assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "RUNNING"]  # as the error line says
     else:
         assert "nothing was published" in last and not published, published
-        counts = stages(held.rerun())
+        counts = stage_counts(held.rerun())
         print(f"re-run stages (shards, cached, requests): {counts}")
         assert counts["rollout"][1] >= 1  # the shard finished before the API went down is served from the cache
     published_once(held.config)

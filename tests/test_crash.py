@@ -147,8 +147,13 @@ def prefmill_run(env: dict[str, str], config: Path) -> dict[str, tuple[int, int,
     """`prefmill run CONFIG`; each LLM stage's (shards, cached, engine requests) from its summary."""
     done = run(env, [str(BIN / "prefmill"), "run", str(config)])
     assert done.returncode == 0, done.stdout[-4000:]
-    stages = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in STAGE_ROW.finditer(done.stdout)}
-    assert set(stages) == {"rollout", "rewards"}, done.stdout[-4000:]
+    return stage_counts(done.stdout)
+
+
+def stage_counts(out: str) -> dict[str, tuple[int, int, int]]:
+    """Each LLM stage's (shards, cached, engine requests) from a run's printed summary."""
+    stages = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in STAGE_ROW.finditer(out)}
+    assert set(stages) == {"rollout", "rewards"}, out[-4000:]
     return stages
 
 
