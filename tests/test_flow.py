@@ -6,6 +6,9 @@ stage and shows the re-run computes only what was not finished (counted in engin
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from operators.flr import load_followups
@@ -105,14 +108,14 @@ class SlowSiblingPool:
 
     def __init__(self):
         self.running = 0
-        self.lock = __import__("threading").Lock()
+        self.lock = threading.Lock()
 
     def run(self, step, rows):
         if rows[0]["seed_id"] == self.first:
             raise RuntimeError("injected crash")
         with self.lock:
             self.running += 1
-        __import__("time").sleep(3)
+        time.sleep(3)
         with self.lock:
             self.running -= 1
         raise RuntimeError("sibling done")
