@@ -39,6 +39,8 @@ class AsyncVLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from serving.orphans import OrphanWatchdog
+
         self.config = config
         self.name = config.model
         self._ids = itertools.count()
@@ -48,6 +50,7 @@ class AsyncVLLMEngine:
         started = time.perf_counter()
         bind_cpu_threads(config)
         args = AsyncEngineArgs(**engine_kwargs(config), disable_log_stats=True)
+        self._watchdog = OrphanWatchdog()  # the engine's processes end with this one, even on kill -9
         self.llm = self._run(self._build(AsyncLLM, args))
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
@@ -58,6 +61,7 @@ class AsyncVLLMEngine:
 
     def close(self) -> None:
         self.llm.shutdown()
+        self._watchdog.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 

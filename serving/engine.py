@@ -140,11 +140,14 @@ class VLLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         from vllm import LLM
 
+        from serving.orphans import OrphanWatchdog
+
         self.config = config
         self.name = config.model
         started = time.perf_counter()
         kwargs = engine_kwargs(config)
         bind_cpu_threads(config)
+        self._watchdog = OrphanWatchdog()  # the engine's processes end with this one, even on kill -9
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
@@ -162,6 +165,7 @@ class VLLMEngine:
         5 s, then SIGKILL: on a loaded CPU the engine process is killed before it unlinks its shared-memory
         queue, and the resource tracker reports a leaked segment at exit."""
         self.llm.llm_engine.engine_core.shutdown(timeout=timeout)
+        self._watchdog.stop()
         forget_tokenizer_caches()
         release_import_tracebacks()  # also those of vLLM modules first imported after this engine started
 
