@@ -13,6 +13,8 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -46,6 +48,11 @@ class PrefectApiUnreachable(Exception):
     """PREFECT_API_URL names an API that does not answer; raised before anything starts."""
 
 
+class PrefectHomeUnusable(PrefectApiUnreachable):
+    """PREFECT_HOME, where the temporary API keeps its database, cannot be created or written; raised before
+    anything starts (a subclass so that callers that report an unreachable API report this too)."""
+
+
 class PrefectApiLost(Exception):
     """The Prefect API stopped answering during the run (for longer than its client retries)."""
 
@@ -54,9 +61,10 @@ def configure_environment(verbose: bool) -> None:
     """Engine and orchestrator log levels (quiet unless `verbose`); never overrides what the user set."""
     for key, value in DEFAULT_ENV.items() | ({} if verbose else QUIET_ENV).items():
         os.environ.setdefault(key, value)
+    # Prefect's import-time warning that it cannot create PREFECT_HOME (it creates no parents): before the
+    # temporary API starts, `ensure_prefect_home` creates it with its parents or fails in one line naming it
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
     if not verbose:
-        import warnings
-
         warnings.filterwarnings("ignore", category=FutureWarning)
         # logged while vLLM imports, before its own log level applies: Triton has no CPU backend here
         logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
@@ -225,6 +233,7 @@ def start_temporary_api() -> int | None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
         return None  # a server of the user's, or none allowed: Prefect's own error says what to set
+    ensure_prefect_home()
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
@@ -235,6 +244,22 @@ def start_temporary_api() -> int | None:
     subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return pid
+
+
+def ensure_prefect_home() -> None:
+    """Create PREFECT_HOME with any missing parents (`make` points it into PREFMILL_HOME, which a fresh
+    machine lacks) and check it can be written, or fail now in one line. Otherwise the temporary API cannot
+    open its database and Prefect retries for its whole startup timeout (180 s) printing tracebacks."""
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=home).close()
+    except OSError as exc:
+        raise PrefectHomeUnusable(
+            f"PREFECT_HOME={home} cannot be created or written ({exc.strerror or exc}); set PREFECT_HOME to a "
+            "folder you can write (the temporary Prefect API keeps its database there)") from None
 
 
 def check_input_files(cfg: PipelineConfig) -> pa.Table:
