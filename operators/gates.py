@@ -1,16 +1,20 @@
 """Quality gates on generated text: cheap checks that catch what a small model gets wrong in self-chat.
 
 Seen in `make demo` output before these gates: the simulated user copying the assistant's answer word
-for word, asking the same question twice, or narrating ("The user explains that ..."); and candidate
-replies that just repeat the user's question. Each check returns the gate's name or None, so callers
-can count and keep every decision with its reason.
+for word, asking the same question twice, or narrating ("The user explains that ..."); candidate
+replies that just repeat the user's question; and critique revisions that open with the critic's own
+meta-text ("The response is clear and concise, but … Here's a revised version:"). Each check returns the
+gate's name or None, so callers can count and keep every decision with its reason.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 
 ECHO_THRESHOLD = 0.5
+ECHO_MIN_KEPT = 0.8  # a reply echoes the question when it keeps at least this share of its words in order …
+ECHO_MAX_ADDED_WORDS = 2  # … and adds at most this many words of its own
 REPEAT_THRESHOLD = 0.8
 MIN_WORDS = 4
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -19,6 +23,21 @@ _NARRATION = re.compile(
     r"wants|wanted|responds|responded|replies|replied|thanks|thanked|would|provides|mentions|continues)\b",
     re.IGNORECASE,
 )
+_REVISION_LABEL = re.compile(
+    r"(?:\b(?:here(?:'s| is)|below is)\b[^:\n]{0,80}?\b(?:revis|rewr|updat|correct|improv|edit)\w*[^:\n]{0,40}"
+    r"|^\W*(?:revised|rewritten|updated|corrected|improved|edited) (?:response|version|answer|reply|text)\W*?)"
+    r":[ \t]*\**",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SELF_TALK = re.compile(
+    r"^\W*(?:(?:the|this|your|my) (?:original |revised |previous |above |initial )?(?:response|answer|reply|revision)"
+    r"\b[^.!?\n]*\b(?:clear|concise|accurate|inaccura\w*|improv\w*|revis\w*|claims?|correct\w*|well[- ]written|"
+    r"informative|helpful|contains?|needs?|lacks?)\b"
+    r"|i(?:'ve| have)? (?:revised|removed|rewritten|rewrote|corrected|updated|edited|made)\b"
+    r"|(?:note|explanation|changes(?: made)?)\s*:)",
+    re.IGNORECASE,
+)
+REVISION_SELF_TALK = "revision_talks_about_itself"
 
 
 def words(text: str) -> list[str]:
@@ -62,11 +81,42 @@ def user_turn_gate(text: str | None, messages: list[dict], echo_threshold: float
     return None
 
 
-def reply_gate(reply: str, context: list[dict], echo_threshold: float = ECHO_THRESHOLD) -> str | None:
+def reply_gate(reply: str, context: list[dict]) -> str | None:
     """Why a candidate reply is unusable (`empty_reply`, `echoes_user`), or None."""
     if not words(reply):
         return "empty_reply"
     users = [m["content"] for m in context if m["role"] == "user"]
-    if users and repeats(reply, users[-1], echo_threshold):
+    if users and echoes(reply, users[-1]):
         return "echoes_user"
     return None
+
+
+def echoes(reply: str, question: str) -> bool:
+    """Whether `reply` is `question` given back: its very words, or the question asked again (most of its
+    words in order, and a "?") with at most a word or two added. A well-formed answer often restates the
+    question ("You have to drive on the right side of the road.", "Yes, there are real psychics in the
+    world.") but states what it adds, so shared phrases alone do not make an echo."""
+    mine, theirs = words(reply), words(question)
+    if not theirs or mine == theirs:
+        return bool(theirs)
+    matcher = difflib.SequenceMatcher(None, theirs, mine, autojunk=False)
+    kept = sum(block.size for block in matcher.get_matching_blocks())
+    asked_again = kept >= ECHO_MIN_KEPT * len(theirs) and "?" in reply
+    return asked_again and len(mine) - kept <= ECHO_MAX_ADDED_WORDS
+
+
+def revision_text(text: str) -> tuple[str, str | None]:
+    """A critique revision without the critic's meta-text: what follows a "Here's a revised version:" label,
+    minus closing paragraphs about the changes. `("", REVISION_SELF_TALK)` when what is left still talks
+    about the response instead of being one, so that text never becomes a reply."""
+    label = _REVISION_LABEL.search(text)
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text[label.end():] if label else text) if p.strip()]
+    while paragraphs and _SELF_TALK.search(paragraphs[-1]) and len(paragraphs) > 1:
+        paragraphs.pop()
+    if paragraphs and _SELF_TALK.search(paragraphs[0]):
+        return "", REVISION_SELF_TALK
+    return _unquoted("\n\n".join(paragraphs)), None
+
+
+def _unquoted(text: str) -> str:
+    return text[1:-1].strip() if len(text) > 1 and text[0] == text[-1] == '"' else text

@@ -31,7 +31,7 @@ from statistics import fmean
 
 import pyarrow as pa
 
-from operators.gates import ECHO_THRESHOLD, reply_gate
+from operators.gates import reply_gate
 from operators.ids import stable_id
 from schemas.tables import CANDIDATES, PAIR_REJECTS, PAIRS
 from serving.protocols import PROMPT_TOO_LONG
@@ -87,7 +87,6 @@ class PairMiner:
     normalization: str = "pooled"
     min_margin: float = 0.25
     max_pairs_per_context: int = 3
-    echo_threshold: float = ECHO_THRESHOLD
     seed: int = 0
 
     def __post_init__(self):
@@ -140,7 +139,7 @@ class PairMiner:
             return "no_reward", "no FLR reward row for this candidate (score every candidate, revised ones too)"
         if critiqued and self.factuality_weight and factuality.get(row["candidate_id"]) is None:
             return "no_factuality", "no factuality score: not critiqued, or its claims did not parse"
-        gate = reply_gate(row["reply"], row["context"], self.echo_threshold)
+        gate = reply_gate(row["reply"], row["context"])
         if gate:
             return gate, "the reply is empty" if gate == "empty_reply" else "the reply repeats the last user turn"
         return None
