@@ -15,6 +15,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
+from operators.gates import REVISION_SELF_TALK
 from schemas.config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ def counts(result: RunResult, dataset: str) -> dict[str, int]:
         gates = Counter(f"gate {g['gate']}:{g['action']}" for gs in conversations.column("gates").to_pylist()
                         for g in gs or [])
         out |= dict(sorted(gates.items()))
+    critiques = result.tables.get("critiques")
+    if critiques is not None:
+        out["revisions rejected: talk about themselves"] = sum(
+            any(REVISION_SELF_TALK in (claim["error"] or "") for claim in r["claims"] or [])
+            for rounds in critiques.column("rounds").to_pylist() for r in rounds or [])
     rejects = result.tables.get("pair_rejects")
     if rejects is not None:
         out |= {f"rejected: {k}": v for k, v in sorted(Counter(rejects.column("reason").to_pylist()).items())}

@@ -10,7 +10,9 @@ one long source document cannot push a prompt past the model's context. The revi
 in the next round, up to `rounds` revisions. A model output that does not parse never fails the batch: the
 field is null, the raw output and the reason are kept. A request that does not fit the model's context window
 (`PROMPT_TOO_LONG`) is such a failure too, with that reason; a candidate that was never sampled for that reason
-is not critiqued.
+is not critiqued. A revision is gated like a self-chat turn: the critic's preamble ("The response is clear …
+Here's a revised version:") is cut off, and a revision that only talks about the response is not taken (its
+flagged claims are removed without the model, with the reason on each claim).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
+from operators.gates import revision_text
 from operators.retrieval import DocumentIndex, tokens
 from schemas.tables import CRITIQUES
 from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Sampling
@@ -297,9 +300,10 @@ class ClaimCritic:
         revised = self._chat([revise_prompt(s.question, s.response, *s.changes()) for s in todo], lm, None)
         for state, out in zip(todo, revised):
             state.count_call()
-            if out.finish_reason == PROMPT_TOO_LONG:
-                state.note_edited(f"revise: {TOO_LONG}; the claim was removed without the model")
-            state.apply_revision(out.text)
+            text, problem = ("", TOO_LONG) if out.finish_reason == PROMPT_TOO_LONG else revision_text(out.text)
+            if problem:
+                state.note_edited(f"revise: {problem}; the claim was removed without the model")
+            state.apply_revision(text)
 
 
 @dataclass
