@@ -5,8 +5,9 @@
 2. recall and precision on planted near duplicates (one-word edits, synonym swaps, reordered sentences,
    punctuation and case changes, exact copies) among generated pairs;
 3. the incremental case of a daily run: 90% of the pairs already published (their vectors stored),
-   10% new — prefmill embeds only the new rows; `semhash` (same encoder, its default usearch index)
-   fits on the old texts and deduplicates the new ones against them, so it embeds both;
+   10% new — prefmill embeds only the new rows (prompt and reply apart: two texts a pair); `semhash`
+   (same encoder, its default usearch index) fits on the old texts (prompt + reply as one) and
+   deduplicates the new ones against them, so it embeds both;
 4. 1M synthetic 384-d vectors with planted near duplicates: the ANN index build + search of every
    vector (`search_1m_s`), and recall against exact search on a sample.
 `--compare-index` also times usearch HNSW (what semhash and DuckDB's vss run) against faiss IVF.
@@ -27,7 +28,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from operators.dedup import Deduper, embed_text
+from operators.dedup import Deduper, prompt_text, reply_text
 from operators.seeds import BUILTIN_SEEDS
 from schemas.tables import PAIRS
 from serving.ann import FaissIndex, make_index
@@ -117,6 +118,11 @@ def recall_precision(rows: list[dict], planted: dict[str, str], embedder, thresh
             "planted": len(planted), "removed": len(removed), "full_dedup_s": seconds}, result
 
 
+def one_text(row: dict) -> str:
+    """A pair as semhash takes it: one text (prefmill embeds the prompt and the reply apart)."""
+    return f"{prompt_text(row)}\n{reply_text(row)}"
+
+
 def incremental(rows: list[dict], full, embedder, threshold: float, repeats: int) -> dict:
     """90% published (stored vectors) + 10% new: prefmill vs semhash, alternated."""
     from semhash import SemHash
@@ -126,8 +132,8 @@ def incremental(rows: list[dict], full, embedder, threshold: float, repeats: int
     stored = full.embeddings.filter(pa.array([p in old_ids for p in full.embeddings.column("pair_id").to_pylist()]))
     published = stored.append_column("_version", pa.array([1] * stored.num_rows, pa.int64()))
     new = pa.Table.from_pylist(rows[cut:], schema=PAIRS)
-    old_texts = [embed_text(r) for r in rows[:cut]]
-    new_texts = [embed_text(r) for r in rows[cut:]]
+    old_texts = [one_text(r) for r in rows[:cut]]
+    new_texts = [one_text(r) for r in rows[cut:]]
     ours, theirs, removed = [], [], {}
     for _ in range(repeats):
         start = time.perf_counter()
@@ -213,7 +219,7 @@ def main() -> None:
     embedder = SentenceTransformerEmbedder()
     rows, planted = make_pairs(rows_n, dup_share=0.1)
     figures = {"rows": rows_n, "threshold": args.threshold}
-    texts = [embed_text(r) for r in rows[: min(rows_n, 1000)]]
+    texts = [reply_text(r) for r in rows[: min(rows_n, 1000)]]
     figures |= embed_throughput(embedder, texts, args.repeats)
     print(f"embedding: ours {figures['ours_texts_per_s']:.0f} vs raw {figures['raw_texts_per_s']:.0f} texts/s")
     quality, full = recall_precision(rows, planted, embedder, args.threshold)

@@ -2,7 +2,7 @@
 
 - 1M preference pairs and 200k × 384-d float32 embeddings: publish (A) and write_table (B) alternate
   (A B, then B A, …) over `--repeats` rounds into a warm catalog; reports the median ratio A/B and its spread.
-- read-back of 1M × 384-d vectors (`Catalog.read(columns=["vector"])`) next to pyarrow reading the same files,
+- read-back of 1M × 384-d vectors (`Catalog.read(columns=["reply_vector"])`) next to pyarrow reading the same files,
   and of 1M+ pair ids with their publish version (`with_version=True`).
 - a filtered count at each of 10 versions.
 Last line of stdout: one JSON object of the figures.
@@ -68,7 +68,8 @@ def embedding_table(n: int, offset: int = 0) -> pa.Table:
     ids = pa.array([f"pair-{offset + i}" for i in range(n)])
     column = pa.ListArray.from_arrays(pa.array(np.arange(0, n * DIM + 1, DIM, dtype=np.int32)), vectors.ravel())
     return pa.table({"pair_id": ids, "prompt_id": ids, "dedup_key": ids, "embedder": pa.array(["minilm"] * n),
-                     "vector": column, "run_id": pa.array(["bench"] * n)}, schema=PAIR_EMBEDDINGS)
+                     "prompt_vector": column, "reply_vector": column, "run_id": pa.array(["bench"] * n)},
+                    schema=PAIR_EMBEDDINGS)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -126,8 +127,8 @@ def bench_reads(catalog: Catalog) -> dict[str, float]:
     """Read back every vector, next to pyarrow reading the same Parquet files; then pair ids with versions."""
     files = sorted(str(p) for p in (catalog.data_path / "main" / "pair_embeddings").glob("*.parquet"))
     rows = catalog.versions("pair_embeddings")[-1].row_count
-    read = clocked(lambda: catalog.read("pair_embeddings", columns=["vector"]))
-    pyarrow_read = clocked(lambda: pq.read_table(files, columns=["vector"]))
+    read = clocked(lambda: catalog.read("pair_embeddings", columns=["reply_vector"]))
+    pyarrow_read = clocked(lambda: pq.read_table(files, columns=["reply_vector"]))
     ids = catalog.versions("pairs")[-1].row_count
     with_version = clocked(lambda: catalog.read("pairs", columns=["pair_id"], with_version=True))
     print(f"read {rows} x {DIM} vectors: {read[0]:.2f}s, cpu {read[1]:.2f}s (pyarrow on the same files: "

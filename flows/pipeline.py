@@ -29,7 +29,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from flows import steps as S
 from operators.candidates import CandidateSampler
 from operators.critiques import ClaimCritic
-from operators.dedup import Deduper, DedupResult
+from operators.dedup import Deduper, DedupResult, has_pair_vectors, with_pair_vectors
 from operators.flr import DEFAULT_FOLLOWUPS, FollowUpReward, load_followups
 from operators.ids import stable_id
 from operators.pairs import MinedPairs, PairMiner
@@ -374,8 +374,11 @@ def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str
     name = f"{cfg.dataset}_embeddings"
     known = catalog.meta_path.exists() and name in {v.dataset for v in catalog.datasets()}
     published = catalog.read(name, with_version=True) if known else None  # any other catalog error surfaces
-    deduper = Deduper(threshold=cfg.dedup.threshold, neighbors=cfg.dedup.neighbors)
-    return deduper(pairs, SentenceTransformerEmbedder(cfg.models.embedder), make_index, published, run_id=run)
+    embedder = SentenceTransformerEmbedder(cfg.models.embedder)
+    if published is not None and not has_pair_vectors(published):
+        published = with_pair_vectors(published, catalog.read(cfg.dataset), embedder)
+    deduper = Deduper(threshold=cfg.dedup.threshold, neighbors=cfg.dedup.neighbors, on=cfg.dedup.on)
+    return deduper(pairs, embedder, make_index, published, run_id=run)
 
 
 def publish_run(cfg: PipelineConfig, catalog: Catalog, tables: dict[str, pa.Table], mined: MinedPairs,

@@ -1,17 +1,26 @@
 """Deduplicating preference pairs, exact then semantic, incrementally against every published pair.
 
+What a duplicate is (`on`): with `"pair"` (the default), two pairs are duplicates when their prompts are
+similar *and* their chosen replies are similar; with `"prompt"`, when their prompts are similar, whatever
+they answer. The prompt and the reply are embedded separately, each within the encoder's window: embedded
+as one text, a long user turn pushed the reply out of the window (pairs with the same long prompt and
+different replies came out at cosine 1.0), and a shared question made pairs with contradicting answers
+look alike.
+
 1. Exact: a hash of the normalised prompt + chosen text (`dedup_key`), before any embedding: a new pair
    whose key is already published, or belongs to an earlier new pair of another prompt, is removed.
-2. Semantic: the survivors are embedded (only they: published pairs keep the vectors stored with them)
-   and compared by cosine similarity through a nearest-neighbour index that holds the published vectors
-   and, as the pass goes on, the new pairs kept so far. A pair at or above `threshold` to any of them is
-   removed. A published pair always wins: it is already in someone's training set.
+2. Semantic: the survivors' prompts and replies are embedded (only theirs: published pairs keep the
+   vectors stored with them) and looked up in a nearest-neighbour index that holds the published pairs
+   and, as the pass goes on, the new pairs kept so far. The index key is the prompt vector (`"prompt"`) or
+   prompt and reply vectors side by side, scaled to unit length (`"pair"`: its cosine is the mean of the
+   two, so every pair with both at or above the threshold is among its nearest neighbours); each hit is
+   then checked part by part. A published pair always wins: it is already in someone's training set.
 
 New pairs are visited in one canonical order — highest margin first, then smallest `pair_id` — so the
 survivors are the same whatever order they arrived in. Pairs of the same prompt (a strategy may mine
 several comparisons of one context) are never duplicates of each other. Every removal is a
 `dedup_removed` row: which pair, the pair it duplicates (and that pair's version when published), the
-similarity, the rule and the threshold.
+prompt and reply similarities, the rule, what counted (`on`) and the threshold.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ from typing import Callable, Protocol
 import numpy as np
 import pyarrow as pa
 
+from schemas.config import DedupOn
 from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
 from serving.protocols import Embedder
 
 BLOCK = 1024
+DEDUP_ON: tuple[str, ...] = DedupOn.__args__
 
 
 class VectorIndex(Protocol):
@@ -50,6 +61,25 @@ class DedupResult:
     num_embedded: int
 
 
+@dataclass(frozen=True)
+class PairVectors:
+    """Unit prompt and reply vectors of some pairs, row for row."""
+
+    prompt: np.ndarray
+    reply: np.ndarray
+
+    def key(self, on: str) -> np.ndarray:
+        """What the index holds: the prompt vector, or both side by side at unit length."""
+        return self.prompt if on == "prompt" else np.hstack([self.prompt, self.reply]) / np.float32(np.sqrt(2))
+
+    def take(self, rows: list[int] | np.ndarray) -> PairVectors:
+        return PairVectors(self.prompt[rows], self.reply[rows])
+
+    @classmethod
+    def empty(cls, dim: int = 0) -> PairVectors:
+        return cls(np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32))
+
+
 def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
@@ -60,11 +90,20 @@ def dedup_key(pair: dict) -> str:
     return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()[:32]
 
 
-def embed_text(pair: dict) -> str:
-    """What is embedded: the last user turn and the chosen reply (what the pair teaches; earlier turns
-    would take the encoder's few hundred tokens before the reply is reached)."""
-    users = [m["content"] for m in pair["prompt"] if m["role"] == "user"]
-    return f"{users[-1] if users else ''}\n{pair['chosen'][0]['content']}"
+def prompt_text(pair: dict) -> str:
+    """The prompt as embedded: its user turns, latest first (the encoder reads only its first few hundred
+    tokens, and the latest turn is what the reply answers)."""
+    return "\n".join(m["content"] for m in reversed(pair["prompt"]) if m["role"] == "user")
+
+
+def reply_text(pair: dict) -> str:
+    return "\n".join(m["content"] for m in pair["chosen"])
+
+
+def embed_pairs(rows: list[dict], embedder: Embedder) -> PairVectors:
+    """Prompt and reply vectors of `rows`, in one call to the encoder."""
+    vectors = np.asarray(embedder.embed([prompt_text(r) for r in rows] + [reply_text(r) for r in rows]), np.float32)
+    return PairVectors(vectors[:len(rows)], vectors[len(rows):])
 
 
 @dataclass(frozen=True)
@@ -77,10 +116,13 @@ class Deduper:
 
     threshold: float = 0.9
     neighbors: int = 16
+    on: DedupOn = "pair"
 
     def __post_init__(self):
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"dedup threshold must be in (0, 1], got {self.threshold}")
+        if self.on not in DEDUP_ON:
+            raise ValueError(f"dedup.on must be one of {list(DEDUP_ON)}, got {self.on!r}")
 
     def __call__(self, pairs: pa.Table, embedder: Embedder, index_factory: IndexFactory,
                  published: pa.Table | None = None, run_id: str | None = None) -> DedupResult:
@@ -89,16 +131,15 @@ class Deduper:
         keys = [dedup_key(r) for r in rows]
         removed: list[dict] = []
         todo = self._exact(rows, keys, old, removed)
-        vectors = (np.asarray(embedder.embed([embed_text(rows[i]) for i in todo]), dtype=np.float32) if todo
-                   else np.zeros((0, old.vectors.shape[1]), np.float32))
+        vectors = embed_pairs([rows[i] for i in todo], embedder) if todo else PairVectors.empty(old.dim)
         kept = self._semantic(rows, todo, vectors, old, index_factory, removed)
         for row in removed:
-            row.update(threshold=self.threshold, embedder=embedder.name, run_id=run_id)
+            row.update(threshold=self.threshold, embedder=embedder.name, run_id=run_id, dedup_on=self.on)
         position = {i: k for k, i in enumerate(todo)}
         return DedupResult(
             pa.Table.from_pylist([rows[i] for i in kept], schema=PAIRS),
-            _embeddings([rows[i] for i in kept], [keys[i] for i in kept], vectors[[position[i] for i in kept]],
-                        embedder.name, run_id),
+            _embeddings([rows[i] for i in kept], [keys[i] for i in kept],
+                        vectors.take([position[i] for i in kept]), embedder.name, run_id),
             pa.Table.from_pylist(removed, schema=DEDUP_REMOVED),
             len(todo),
         )
@@ -107,70 +148,75 @@ class Deduper:
         """Indices of rows that survive the exact pass (in canonical order)."""
         first: dict[str, int] = {}
         survivors = []
-        for i, (row, key) in enumerate(zip(rows, keys)):
+        for i, (row, key) in enumerate(zip(rows, keys, strict=True)):
             if key in old.key_index:
                 j = old.key_index[key]
-                removed.append(_removal(row, old.pair_ids[j], old.versions[j], 1.0, "exact"))
+                removed.append(_removal(row, old.pair_ids[j], old.versions[j], 1.0, 1.0, 1.0, "exact"))
             elif key in first and rows[first[key]]["prompt_id"] != row["prompt_id"]:
-                removed.append(_removal(row, rows[first[key]]["pair_id"], None, 1.0, "exact"))
+                removed.append(_removal(row, rows[first[key]]["pair_id"], None, 1.0, 1.0, 1.0, "exact"))
             else:
                 first.setdefault(key, i)
                 survivors.append(i)
         return survivors
 
-    def _semantic(self, rows: list[dict], todo: list[int], vectors: np.ndarray, old: Published,
+    def _semantic(self, rows: list[dict], todo: list[int], vectors: PairVectors, old: Published,
                   index_factory: IndexFactory, removed: list[dict]) -> list[int]:
         """Greedy pass in canonical order, one block at a time: a row is a duplicate when a published or
-        an earlier kept row is at or above the threshold (found through the index, or within the block)."""
+        an earlier kept row matches it (found through the index, or within the block)."""
         if not todo:
             return []
-        sample = np.concatenate([old.vectors, vectors]) if len(old.pair_ids) else vectors
-        index = index_factory(vectors.shape[1], sample)
-        owners: list[int | None] = [None] * len(old.pair_ids)  # index id → new row index, None: published
+        keys = vectors.key(self.on)
+        sample = np.concatenate([old.vectors.key(self.on), keys]) if len(old.pair_ids) else keys
+        index = index_factory(keys.shape[1], sample)
+        owners: list[int] = [-j - 1 for j in range(len(old.pair_ids))]  # index id → ref (see `_best`)
         if owners:
-            index.add(old.vectors)
+            index.add(sample[:len(owners)])
         kept: list[int] = []
         for start in range(0, len(todo), BLOCK):
-            block, block_vectors = todo[start:start + BLOCK], vectors[start:start + BLOCK]
-            found = index.search(block_vectors, self.neighbors) if owners else None
-            within = block_vectors @ block_vectors.T
+            block = range(start, min(start + BLOCK, len(todo)))
+            found = index.search(keys[start:start + BLOCK], self.neighbors) if owners else None
+            within = keys[start:start + BLOCK] @ keys[start:start + BLOCK].T
             block_kept: list[int] = []
-            for b, i in enumerate(block):
-                hits = [] if found is None else zip(found[1][b], found[0][b])
-                hits = [(_ref(owners, int(h)), float(sim)) for h, sim in hits if h >= 0]
-                hits += [(block[k], float(within[b, k])) for k in block_kept]
-                match = self._best(rows, i, hits, old)
+            for b, at in enumerate(block):
+                hits = [] if found is None else [(owners[int(h)], float(s))
+                                                 for h, s in zip(found[1][b], found[0][b], strict=True) if h >= 0]
+                hits += [(k, float(within[b, k - start])) for k in block_kept]
+                match = self._best(rows, todo, vectors, at, hits, old)
                 if match:
-                    removed.append(_removal(rows[i], *match))
+                    removed.append(_removal(rows[todo[at]], *match))
                 else:
-                    block_kept.append(b)
-            index.add(block_vectors[block_kept])
-            owners += [block[b] for b in block_kept]
-            kept += [block[b] for b in block_kept]
+                    block_kept.append(at)
+            index.add(keys[block_kept])
+            owners += block_kept
+            kept += [todo[k] for k in block_kept]
         return kept
 
-    def _best(self, rows: list[dict], i: int, hits: list[tuple[int, float]], old: Published
-              ) -> tuple[str, int | None, float, str] | None:
-        """(duplicate_of, its version, similarity, rule) of the most similar hit at or above the threshold.
-        A hit is a new row's index, or −1 − the published row's index; a new row of the same prompt is
-        no duplicate."""
-        best: tuple[int, float] | None = None
-        for ref, sim in hits:
-            if sim < self.threshold or (ref >= 0 and rows[ref]["prompt_id"] == rows[i]["prompt_id"]):
+    def _best(self, rows: list[dict], todo: list[int], vectors: PairVectors, at: int,
+              hits: list[tuple[int, float]], old: Published) -> tuple[str, int | None, float, float, float, str] | None:
+        """(duplicate_of, its version, similarity, prompt and reply similarity, rule) of the closest hit that is
+        a duplicate. A hit is (ref, key similarity); ref is a new row's position in `todo`, or −1 − the
+        published row's index. Both parts at or above the threshold put the key there too, so only those hits
+        are checked part by part; a new row of the same prompt is no duplicate."""
+        best: tuple[int, float, float] | None = None
+        for ref, key_sim in hits:
+            if key_sim < self.threshold or (ref >= 0 and rows[todo[ref]]["prompt_id"] == rows[todo[at]]["prompt_id"]):
                 continue
-            if best is None or sim > best[1]:
-                best = (ref, sim)
+            theirs, j = (old.vectors, -ref - 1) if ref < 0 else (vectors, ref)
+            sims = float(vectors.prompt[at] @ theirs.prompt[j]), float(vectors.reply[at] @ theirs.reply[j])
+            if self._duplicate(*sims) and (best is None or self._similarity(*sims) > self._similarity(*best[1:])):
+                best = (ref, *sims)
         if best is None:
             return None
-        ref, sim = best
-        if ref < 0:
-            return old.pair_ids[-ref - 1], old.versions[-ref - 1], sim, "semantic"
-        return rows[ref]["pair_id"], None, sim, "semantic"
+        ref, prompt_sim, reply_sim = best
+        found = (old.pair_ids[-ref - 1], old.versions[-ref - 1]) if ref < 0 else (rows[todo[ref]]["pair_id"], None)
+        return *found, self._similarity(prompt_sim, reply_sim), prompt_sim, reply_sim, "semantic"
 
+    def _duplicate(self, prompt_sim: float, reply_sim: float) -> bool:
+        return prompt_sim >= self.threshold and (self.on == "prompt" or reply_sim >= self.threshold)
 
-def _ref(owners: list[int | None], index_id: int) -> int:
-    owner = owners[index_id]
-    return -index_id - 1 if owner is None else owner
+    def _similarity(self, prompt_sim: float, reply_sim: float) -> float:
+        """The similarity a removal reports: the one that had to reach the threshold last."""
+        return prompt_sim if self.on == "prompt" else min(prompt_sim, reply_sim)
 
 
 @dataclass(frozen=True)
@@ -180,22 +226,56 @@ class Published:
     pair_ids: list[str]
     versions: list[int | None]
     key_index: dict[str, int]
-    vectors: np.ndarray
+    vectors: PairVectors
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.prompt.shape[1]
 
     @classmethod
     def of(cls, table: pa.Table | None, embedder: str) -> Published:
         if table is None or table.num_rows == 0:
-            return cls([], [], {}, np.zeros((0, 0), dtype=np.float32))
+            return cls([], [], {}, PairVectors.empty())
         specs = set(table.column("embedder").to_pylist())
         if specs != {embedder}:
             raise ValueError(f"published pairs were embedded with {sorted(specs)}, this run embeds with "
                              f"{embedder!r}: use the same embedder spec, or deduplicate into a new dataset")
+        if not has_pair_vectors(table):
+            raise ValueError("some published pairs have no prompt/reply vectors (published before pair-level "
+                             "dedup): fill them with `with_pair_vectors` first")
         versions = table.column("_version").to_pylist() if "_version" in table.column_names else [None] * len(table)
-        keys = table.column("dedup_key").to_pylist()
         key_index: dict[str, int] = {}
-        for k, key in enumerate(keys):
+        for k, key in enumerate(table.column("dedup_key").to_pylist()):
             key_index.setdefault(key, k)
-        return cls(table.column("pair_id").to_pylist(), versions, key_index, vectors_of(table.column("vector")))
+        vectors = PairVectors(vectors_of(table.column("prompt_vector")), vectors_of(table.column("reply_vector")))
+        return cls(table.column("pair_id").to_pylist(), versions, key_index, vectors)
+
+
+def has_pair_vectors(published: pa.Table) -> bool:
+    """Whether every published row has its prompt and reply vectors (rows stored before pair-level dedup
+    have one vector of prompt + reply instead)."""
+    names = ("prompt_vector", "reply_vector")
+    return all(n in published.column_names and not published.column(n).null_count for n in names)
+
+
+def with_pair_vectors(published: pa.Table, pairs: pa.Table, embedder: Embedder) -> pa.Table:
+    """`published` embeddings with the prompt and reply vectors of rows stored before they existed (one
+    vector of prompt + reply per pair) computed from those pairs' published text."""
+    for name in ("prompt_vector", "reply_vector"):
+        if name not in published.column_names:
+            published = published.append_column(name, pa.nulls(len(published), pa.list_(pa.float32())))
+    missing = [k for k, v in enumerate(published.column("prompt_vector").to_pylist()) if v is None]
+    if not missing:
+        return published
+    by_id = {r["pair_id"]: r for r in pairs.to_pylist()}
+    vectors = embed_pairs([by_id[published.column("pair_id")[k].as_py()] for k in missing], embedder)
+    for name, new in (("prompt_vector", vectors.prompt), ("reply_vector", vectors.reply)):
+        column = published.column(name).to_pylist()
+        for k, vector in zip(missing, new.tolist(), strict=True):
+            column[k] = vector
+        published = published.set_column(published.schema.get_field_index(name), name,
+                                          pa.array(column, pa.list_(pa.float32())))
+    return published
 
 
 def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
@@ -205,15 +285,23 @@ def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
     return values.reshape(len(flat), -1) if len(flat) else np.zeros((0, 0), dtype=np.float32)
 
 
-def _embeddings(rows: list[dict], keys: list[str], vectors: np.ndarray, embedder: str, run_id: str | None) -> pa.Table:
-    dim = vectors.shape[1] if vectors.size else 0
-    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim).cast(
-        pa.list_(pa.float32())) if rows else pa.array([], pa.list_(pa.float32()))
+def _vector_column(vectors: np.ndarray) -> pa.Array:
+    if not len(vectors):
+        return pa.array([], pa.list_(pa.float32()))
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]).cast(pa.list_(pa.float32()))
+
+
+def _embeddings(rows: list[dict], keys: list[str], vectors: PairVectors, embedder: str, run_id: str | None
+                ) -> pa.Table:
     return pa.table({"pair_id": [r["pair_id"] for r in rows], "prompt_id": [r["prompt_id"] for r in rows],
-                     "dedup_key": keys, "embedder": [embedder] * len(rows), "vector": vector,
+                     "dedup_key": keys, "embedder": [embedder] * len(rows),
+                     "prompt_vector": _vector_column(vectors.prompt), "reply_vector": _vector_column(vectors.reply),
                      "run_id": [run_id] * len(rows)}, schema=PAIR_EMBEDDINGS)
 
 
-def _removal(row: dict, duplicate_of: str, version: int | None, similarity: float, rule: str) -> dict:
+def _removal(row: dict, duplicate_of: str, version: int | None, similarity: float, prompt_similarity: float,
+             reply_similarity: float, rule: str) -> dict:
     return {"removed_pair_id": row["pair_id"], "duplicate_of": duplicate_of, "duplicate_of_version": version,
-            "similarity": similarity, "rule": rule}
+            "similarity": similarity, "prompt_similarity": prompt_similarity, "reply_similarity": reply_similarity,
+            "rule": rule}

@@ -152,9 +152,14 @@ class PairsSection(_Section):
     seed: int = 0
 
 
+DedupOn = Literal["pair", "prompt"]
+
+
 class DedupSection(_Section):
     threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="cosine similarity that counts as a duplicate")
     neighbors: int = Field(default=16, ge=1)
+    on: DedupOn = Field(default="pair", description="pair: a duplicate has a similar prompt and a similar chosen "
+                                                    "reply; prompt: a similar prompt alone, whatever it answers")
 
 
 class RaySection(_Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
@@ -161,7 +161,8 @@ PAIR_EMBEDDINGS = _schema(
         ("prompt_id", pa.string()),
         ("dedup_key", pa.string()),
         ("embedder", pa.string()),
-        ("vector", pa.list_(pa.float32())),
+        ("prompt_vector", pa.list_(pa.float32())),
+        ("reply_vector", pa.list_(pa.float32())),
         ("run_id", pa.string()),
     ],
 )
@@ -187,7 +188,10 @@ DEDUP_REMOVED = _schema(
         ("duplicate_of", pa.string()),
         ("duplicate_of_version", pa.int64()),
         ("similarity", pa.float64()),
+        ("prompt_similarity", pa.float64()),
+        ("reply_similarity", pa.float64()),
         ("rule", pa.string()),
+        ("dedup_on", pa.string()),
         ("threshold", pa.float64()),
         ("embedder", pa.string()),
         ("run_id", pa.string()),

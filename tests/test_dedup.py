@@ -16,10 +16,13 @@ from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
 from serving.ann import FaissIndex, make_index
 
 SEEDS = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()]
-PARAPHRASES = {  # seed index → (question, answer) written in other words
-    0: ("What makes the sky look blue?", "Sunlight is made of every visible colour, and air scatters the short "
-                                         "blue wavelengths much more than the long ones."),
-    1: ("How come salt melts ice?", "When salt dissolves in water, the freezing point of the water drops."),
+PARAPHRASES = {  # seed index → (question, answer) written in other words: the same pair, every fact kept
+    0: ("What makes the sky look blue?", "Sunlight holds every visible colour. Molecules in the air scatter short "
+                                         "wavelengths much more strongly than long ones (Rayleigh scattering grows "
+                                         "with the inverse fourth power of the wavelength), so blue light is spread "
+                                         "over the whole sky while red and yellow light travel on more directly."),
+    1: ("How come salt melts ice?", "Salt dissolved in water lowers the water's freezing point: a 10 percent salt "
+                                    "solution freezes at about minus 6 degrees Celsius rather than at 0."),
 }
 
 
@@ -88,7 +91,7 @@ def test_planted_exact_and_near_duplicates_are_removed_and_distinct_rows_kept(em
     assert {r["rule"] for k, r in removed.items() if not k.startswith("exact")} == {"semantic"}
     assert all(r["similarity"] >= 0.85 and r["threshold"] == 0.85 and r["run_id"] == "r1" for r in removed.values())
     assert sorted(result.pairs.column("pair_id").to_pylist()) == [f"orig-{k:02d}" for k in range(20)]
-    assert counting.texts == len(rows) - 2  # exact copies are removed before anything is embedded
+    assert counting.texts == 2 * (len(rows) - 2)  # a prompt and a reply each; exact copies are never embedded
     assert result.num_embedded == len(rows) - 2
     assert result.removed.schema == DEDUP_REMOVED and result.embeddings.schema == PAIR_EMBEDDINGS
     assert result.embeddings.column("pair_id").to_pylist() == result.pairs.column("pair_id").to_pylist()
@@ -122,7 +125,7 @@ def test_duplicates_of_published_rows_are_caught_without_embedding_the_published
            pair(SEEDS[30]["question"], answer(SEEDS[30]), "ctx-30", 1.0, "new-30")]            # distinct
     counting = CountingEmbedder(embedder)
     result = Deduper()(table(new), counting, make_index, published=published, run_id="day-2")
-    assert counting.texts == 2  # the new near duplicate and the distinct row; no published row
+    assert counting.texts == 4  # prompt and reply of the new near duplicate and the distinct row; no published row
     removed = {r["removed_pair_id"]: r for r in result.removed.to_pylist()}
     assert removed["again-3"]["duplicate_of"] == "orig-03" and removed["again-3"]["rule"] == "exact"
     assert removed["edit-5"]["duplicate_of"] == "orig-05" and removed["edit-5"]["rule"] == "semantic"

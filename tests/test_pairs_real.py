@@ -67,8 +67,9 @@ def test_pairs_round_trip_through_the_catalog_with_their_vectors_and_are_never_e
     assert len({v.version for v in versions.values()}) == 1  # one snapshot for the run's tables
     assert catalog.read("pairs").to_pylist() == deduped.pairs.to_pylist()
     stored = catalog.read("pairs_embeddings", with_version=True)
-    assert stored.schema.field("vector").type == pa.list_(pa.float32())
-    assert np.array_equal(vectors_of(stored.column("vector")), vectors_of(deduped.embeddings.column("vector")))
+    for name in ("prompt_vector", "reply_vector"):
+        assert stored.schema.field(name).type == pa.list_(pa.float32())
+        assert np.array_equal(vectors_of(stored.column(name)), vectors_of(deduped.embeddings.column(name)))
 
     class NoEncoder:
         name = embedder.name

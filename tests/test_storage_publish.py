@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.tables import PAIR_EMBEDDINGS, PAIRS
+from schemas.tables import PAIR_EMBEDDINGS, PAIRS, SCHEMA_VERSION
 from storage.catalog import Catalog, CatalogError
 from tests.test_storage import pairs
 
@@ -28,7 +28,7 @@ def embeddings(n: int, dim: int = 8, offset: int = 0, seed: int = 0) -> pa.Table
     column = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), vectors.ravel())
     ids = [f"p{offset + i}" for i in range(n)]
     return pa.table({"pair_id": ids, "prompt_id": ids, "dedup_key": ids, "embedder": ["minilm"] * n,
-                     "vector": column, "run_id": ["r"] * n}, schema=PAIR_EMBEDDINGS)
+                     "prompt_vector": column, "reply_vector": column, "run_id": ["r"] * n}, schema=PAIR_EMBEDDINGS)
 
 
 def data_files(catalog: Catalog) -> list[str]:
@@ -84,14 +84,14 @@ def test_float32_vectors_publish_and_read_back_identical(catalog):
     table = embeddings(50, dim=384)
     catalog.publish(table, "pair_embeddings", schema=PAIR_EMBEDDINGS)
     back = catalog.read("pair_embeddings")
-    assert back.schema.field("vector").type == pa.list_(pa.float32())
+    assert back.schema.field("prompt_vector").type == pa.list_(pa.float32())
     assert back.equals(table.replace_schema_metadata(None))
 
 
 def test_read_projects_columns(catalog):
     catalog.publish(embeddings(5), "pair_embeddings", schema=PAIR_EMBEDDINGS)
-    back = catalog.read("pair_embeddings", columns=["vector", "pair_id"])
-    assert back.column_names == ["vector", "pair_id"] and back.num_rows == 5
+    back = catalog.read("pair_embeddings", columns=["reply_vector", "pair_id"])
+    assert back.column_names == ["reply_vector", "pair_id"] and back.num_rows == 5
     with pytest.raises(CatalogError, match="no column 'nope'"):
         catalog.read("pair_embeddings", columns=["pair_id", "nope"])
 
@@ -122,7 +122,7 @@ def test_publish_many_lands_every_table_in_one_snapshot(catalog):
     assert [(v.rows_added, v.row_count) for v in catalog.versions("pairs")] == [(1, 1), (2, 3)]
     assert [v.version for v in catalog.versions("pair_embeddings")] == [published["pairs"].version]
     assert published["pair_embeddings"].lineage["run_id"] == "r1"
-    assert published["pair_embeddings"].lineage["schema"] == "pair_embeddings@2"
+    assert published["pair_embeddings"].lineage["schema"] == f"pair_embeddings@{SCHEMA_VERSION}"
     rows = catalog.sql("SELECT dataset, rows_added FROM prefmill_lineage ORDER BY dataset, rows_added").to_pylist()
     assert rows == [{"dataset": "pair_embeddings", "rows_added": 2}, {"dataset": "pairs", "rows_added": 1},
                     {"dataset": "pairs", "rows_added": 2}]
