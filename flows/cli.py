@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+FORMATS = ("table", "csv", "json", "parquet")  # of `prefmill sql`
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.toml"
 SetOption = typer.Option([], "--set", help="override a config key, e.g. --set selfchat.max_turns=3 (repeatable)")
 
@@ -191,23 +193,41 @@ def datasets(catalog: Optional[Path] = CatalogOption) -> None:
     console.print(table)
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True})  # a query may start with '-': "-- note\nSELECT …"
 def sql(
     query: str,
     format: str = typer.Option("table", "--format", help="table | csv | json | parquet"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --output file"),
+    explain: bool = typer.Option(False, "--explain", help="show the query plan instead of running the query"),
+    analyze: bool = typer.Option(False, "--analyze", help="with --explain: run it and show the plan with timings"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.001, envvar="PREFMILL_SQL_TIMEOUT",
+                                            help="stop the query after this many seconds (default: 300)"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", envvar="PREFMILL_SQL_MEMORY",
+                                               help="DuckDB memory limit, e.g. 8GiB (default: half the RAM)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="DuckDB threads (default: half the cores)"),
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
-    """Run a read-only SQL query over all datasets (`AT (VERSION => n)` for time travel)."""
-    from storage.catalog import Catalog, CatalogError
+    """Run one read-only SELECT over all datasets (`AT (VERSION => n)` for time travel). Ctrl-C stops it."""
+    from storage.catalog import Catalog, CatalogError, SqlLimits
 
+    if format not in FORMATS:
+        _fail(f"unknown format {format!r}: use table, csv, json or parquet")
+    if format == "parquet" and not output:
+        _fail("--format parquet needs --output FILE")
+    if analyze and not explain:
+        _fail("--analyze goes with --explain: prefmill sql --explain --analyze \"SELECT …\"")
+    given = {"timeout_s": timeout, "memory": memory_limit, "threads": threads}
+    limits = SqlLimits(**{key: value for key, value in given.items() if value is not None})
     try:
-        result = Catalog(catalog).sql(query)
+        cat = Catalog(catalog, sql_limits=limits)
+        target = cat.checked_output(output, force) if output else None
+        result = cat.sql(query, explain=("analyze" if analyze else "plan") if explain else None)
+        _emit(result, format, target)
     except CatalogError as exc:
         _fail(str(exc))
-    except Exception as exc:  # duckdb errors: show the message, not a traceback
-        _fail(f"{type(exc).__name__}: {exc}")
-    _emit(result, format, output)
+    except KeyboardInterrupt:
+        _fail("interrupted: the query was stopped", code=130)
 
 
 @app.command()
@@ -216,22 +236,24 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="a file (parquet, jsonl) or a folder (trl)"),
     format: str = typer.Option("parquet", "--format", help="parquet | jsonl | trl"),
     version: Optional[int] = typer.Option(None, "--version"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output file (parquet, jsonl)"),
     test_size: float = typer.Option(0.1, "--test-size", help="trl: share of prompts in the test split"),
     seed: int = typer.Option(0, "--seed", help="trl: seed of the prompt split"),
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
     """Export one dataset version as Parquet or JSON Lines, or as TRL train/test splits in folder OUTPUT
-    (all loadable with `datasets.load_dataset`)."""
+    (all loadable with `datasets.load_dataset`). Never writes inside the catalog."""
     from flows.training import export_trl
     from storage.catalog import Catalog, CatalogError
 
     if format not in ("parquet", "jsonl", "trl"):
         _fail(f"unknown export format {format!r}: use parquet, jsonl or trl")
     try:
+        cat = Catalog(catalog)
         if format != "trl":
-            console.print(f"wrote {Catalog(catalog).export(dataset, output, format, version)}")
+            console.print(f"wrote {cat.export(dataset, output, format, version, force)}")
             return
-        done = export_trl(Catalog(catalog), dataset, output, version, test_size, seed)
+        done = export_trl(cat, dataset, cat.outside(output), version, test_size, seed)
     except CatalogError as exc:
         _fail(str(exc))
     for split, rows in done.rows.items():
@@ -254,10 +276,10 @@ def show(
 
     try:
         show_pairs(Catalog(catalog), dataset, version, where, limit, console)
-    except CatalogError as exc:
+    except CatalogError as exc:  # a refused or failing --where included: Catalog.sql raises only CatalogError
         _fail(str(exc))
-    except Exception as exc:  # duckdb errors from --where: show the message, not a traceback
-        _fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        _fail("interrupted: the query was stopped", code=130)
 
 
 @app.command()
@@ -278,7 +300,18 @@ def card(
     console.print(f"wrote {path}")
 
 
-def _emit(result: pa.Table, fmt: str, output: Path | None) -> None:
+def _emit(result: pa.Table, fmt: str, target: Path | None) -> None:
+    """Print `result`, or write it to `target` through a temporary file that replaces it only when complete."""
+    from storage.outputs import replacing
+
+    if target is None:
+        return _write(result, fmt, None)
+    with replacing(target) as tmp:
+        _write(result, fmt, tmp)
+
+
+def _write(result: pa.Table, fmt: str, path: Path | None) -> None:
+    """`result` in one of `FORMATS`, to `path` or stdout (parquet only to a file)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -286,19 +319,16 @@ def _emit(result: pa.Table, fmt: str, output: Path | None) -> None:
         table = Table(*result.column_names)
         for row in result.to_pylist():
             table.add_row(*(_cell(v) for v in row.values()))
-        Console(file=open(output, "w") if output else sys.stdout, width=200).print(table)
+        with open(path, "w") if path else contextlib.nullcontext(sys.stdout) as out:
+            Console(file=out, width=200).print(table)
     elif fmt == "csv":
         flat = pa.table({name: _flat(col) for name, col in zip(result.column_names, result.columns)})
-        pacsv.write_csv(flat, str(output) if output else sys.stdout.buffer)
+        pacsv.write_csv(flat, str(path) if path else sys.stdout.buffer)
     elif fmt == "json":
         text = "".join(json.dumps(r, default=str) + "\n" for r in result.to_pylist())
-        output.write_text(text) if output else sys.stdout.write(text)
-    elif fmt == "parquet":
-        if not output:
-            _fail("--format parquet needs --output FILE")
-        pq.write_table(result, output)
+        path.write_text(text) if path else sys.stdout.write(text)
     else:
-        _fail(f"unknown format {fmt!r}: use table, csv, json or parquet")
+        pq.write_table(result, path)
 
 
 def _flat(column: pa.ChunkedArray) -> pa.ChunkedArray | list:

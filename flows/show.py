@@ -1,6 +1,7 @@
 """`prefmill show`: preference pairs in the terminal, with the critique behind each revised reply.
 
-Rows come from the catalog's read-only SQL (`Catalog.sql`), so a `--where` filter can only read. A side
+Rows come from the catalog's read-only SQL (`Catalog.sql`), so a `--where` filter can only read; it must be one
+SQL expression (`storage.sql_guard.checked_condition`), so it can only filter. A side
 whose reply was revised by the claim critic carries `*_revised_from` = the original candidate id; the
 `critiques` row of that id holds the claims, verdicts and critiques that drove the revision.
 """
@@ -16,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from storage.catalog import Catalog, CatalogError, validate_name
+from storage.sql_guard import checked_condition
 
 CRITIQUES = "critiques"
 PROMPT_TURNS = 3
@@ -35,8 +37,9 @@ def show_pairs(catalog: Catalog, dataset: str, version: int | None = None, where
 
 
 def select_pairs(catalog: Catalog, dataset: str, version: int | None, where: str | None, limit: int) -> pa.Table:
-    """The pairs of one version that match `where`, through the read-only SQL path."""
-    condition = f"WHERE ({where})" if where else ""
+    """The pairs of one version that match `where`, through the read-only SQL path. The condition is checked
+    on its own first (one expression, nothing after it) and used as DuckDB's parser prints it back."""
+    condition = f"WHERE ({checked_condition(where)})" if where else ""
     query = (f'SELECT * FROM (SELECT * FROM "{validate_name(dataset)}"{_at(version)}) {condition} '
              f"ORDER BY prompt_id, pair_id LIMIT {int(limit)}")
     return catalog.sql(query)

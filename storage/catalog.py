@@ -39,17 +39,17 @@ from schemas.config import config_hash, file_lock, prefmill_home
 from schemas.tables import conform
 from storage.columns import column_definitions, match_columns
 from storage.errors import CatalogError
+from storage.outputs import checked_output, outside, replacing
 from storage.postgres import PostgresTarget, parse_target, redact
-from storage.sql_guard import check_read_only, sandbox
+from storage.sql_guard import Explain, SqlLimits, checked_select, duckdb_error, explained, run_bounded, sandbox
 
-__all__ = ["Catalog", "CatalogError", "Version", "default_catalog_path", "validate_name"]
+__all__ = ["Catalog", "CatalogError", "SqlLimits", "Version", "default_catalog_path", "validate_name"]
 
 LAKE = "lake"
 LINEAGE_TABLE = "prefmill_lineage"
 AUTHOR = "prefmill"
 ROW_GROUP_ROWS = 122_880
 LINEAGE_INLINE_ROWS = 1000
-META_FILES = ("", ".wal", ".wal.checkpoint", ".wal.recovery")  # meta.ducklake and what DuckDB opens beside it
 COMMIT_ATTEMPTS = 8  # a publish that loses this many commit races in a row fails (DuckLake retries 10x inside each)
 COMMIT_BACKOFF_S = 0.2  # first wait before a retry; doubles each time, with jitter
 ORPHAN_AGE = "1 HOUR"  # on PostgreSQL, an unreferenced file younger than this may be a publish in flight
@@ -122,11 +122,13 @@ class PostgresMetadata:
 class Catalog:
     """A DuckLake catalog: `meta.ducklake` (DuckDB metadata) plus `data/` (Parquet files) in one folder, or
     metadata on PostgreSQL (`root` = 'postgres:…' or a 'postgresql://' URL, see `storage.postgres`) with the
-    Parquet files in `data_path` (default: under the prefmill home)."""
+    Parquet files in `data_path` (default: under the prefmill home). `sql_limits` bounds each `sql()` query."""
 
-    def __init__(self, root: Path | str | None = None, data_path: Path | str | None = None):
+    def __init__(self, root: Path | str | None = None, data_path: Path | str | None = None,
+                 sql_limits: SqlLimits | None = None):
         self.target = parse_target(root)
-        self._databases: dict[bool, tuple[int, duckdb.DuckDBPyConnection]] = {}
+        self.sql_limits = sql_limits or SqlLimits()
+        self._kept: tuple[int, duckdb.DuckDBPyConnection] | None = None
         self._db_lock = threading.Lock()
         if self.target:
             self._init_postgres(self.target, data_path)
@@ -159,15 +161,19 @@ class Catalog:
 
     @contextlib.contextmanager
     def connect(self, write: bool = False, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A DuckDB connection with the lake attached as `lake` (read-only unless `write`); `sandboxed`
-        also locks it to reading the catalog's own files (see `storage.sql_guard.sandbox`). A PostgreSQL
-        catalog takes no file lock: the server orders the commits of every process."""
+        """A DuckDB connection with the lake attached as `lake` (read-only unless `write`); `sandboxed` gives a
+        fresh DuckDB instance locked to reading the catalog's own files (see `storage.sql_guard.sandbox`). A
+        PostgreSQL catalog takes no file lock: the server orders the commits of every process."""
         lock = (contextlib.nullcontext() if self.target
                 else file_lock(self._lock_path, exclusive=write or not self.meta_path.exists()))
-        kept = bool(self.target) and sandboxed  # attached once, before the sandbox shut external access
-        with lock, self._db_lock, contextlib.closing(self._database(sandboxed).cursor()) as con:
-            if not kept:
-                self._attach(con, write)
+        with lock, self._sandboxed() if sandboxed else self._attached(write) as con:
+            yield con
+
+    @contextlib.contextmanager
+    def _attached(self, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of this process's kept DuckDB instance, with the lake attached for this call only."""
+        with self._db_lock, contextlib.closing(self._database().cursor()) as con:
+            self._attach(con, write)
             con.execute(f"USE {LAKE}")
             try:
                 yield con
@@ -175,8 +181,20 @@ class Catalog:
                 with contextlib.suppress(duckdb.TransactionException):
                     con.execute("ROLLBACK")  # a caller's unfinished transaction would block the DETACH
                 con.execute("USE memory")
-                if not kept:
-                    con.execute(f"DETACH {LAKE}")
+                con.execute(f"DETACH {LAKE}")
+
+    @contextlib.contextmanager
+    def _sandboxed(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A new DuckDB instance: the lake attached read-only, then the instance locked; closed at the end, so
+        nothing a query created (temp tables, macros) outlives it. ~0.3 s, mostly loading the extension."""
+        with contextlib.closing(self._new_database()) as con:
+            if self.target:
+                self._attach_postgres(con, write=False, create=False)
+            else:
+                self._attach(con, write=False)
+            sandbox(con, self.data_path, self.sql_limits)
+            con.execute(f"USE {LAKE}")
+            yield con
 
     def publish(self, table: pa.Table, dataset: str, lineage: dict[str, Any] | None = None,
                 schema: pa.Schema | None = None) -> Version:
@@ -264,34 +282,50 @@ class Catalog:
                 [dataset, from_version, to_version, from_version],
             ).arrow().read_all()
 
-    def sql(self, query: str) -> pa.Table:
-        """Run read-only SQL over the lake; anything that writes, reconfigures or reads files outside the
-        catalog is refused with a `CatalogError`."""
-        check_read_only(query)
+    def sql(self, query: str, explain: Explain | None = None) -> pa.Table:
+        """Run one read-only SELECT over the lake in a fresh sandboxed DuckDB instance, within `sql_limits`;
+        `explain` ('plan' or 'analyze') returns its EXPLAIN [ANALYZE] instead. A statement that writes,
+        reconfigures or reads files outside the catalog is refused, and any DuckDB error raised, as `CatalogError`."""
+        statement = checked_select(query)
+        if explain:
+            statement = explained(statement, explain)
         if not self.meta_path.exists():
             raise CatalogError(f"no catalog yet at {self.location}: publish a dataset first (prefmill run), "
                                "or give --catalog the folder that holds meta.ducklake (or the PostgreSQL "
                                "database that holds the lake's metadata)")
         with self.connect(sandboxed=True) as con:
             try:
-                return con.execute(query).arrow().read_all()
-            except duckdb.PermissionException as exc:
-                raise CatalogError(f"refused: `prefmill sql` reads only the catalog's own files ({exc})") from exc
+                return run_bounded(con, statement, self.sql_limits)
+            except duckdb.Error as exc:
+                raise duckdb_error(exc, self.sql_limits) from None
 
-    def export(self, dataset: str, path: Path, fmt: str, version: int | None = None) -> Path:
-        """Write one version as a Parquet file or JSON Lines that `datasets.load_dataset` reads."""
+    def export(self, dataset: str, path: Path | str, fmt: str, version: int | None = None,
+               force: bool = False) -> Path:
+        """Write one version as a Parquet file or JSON Lines that `datasets.load_dataset` reads. An existing file
+        is replaced only with `force`, a path inside the catalog never; a failed export leaves no file behind."""
         formats = {"parquet": "(FORMAT parquet)", "jsonl": "(FORMAT json)"}
         if fmt not in formats:
             raise CatalogError(f"unknown export format {fmt!r}: use one of {sorted(formats)}")
         validate_name(dataset)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        target = self.checked_output(path, force)
         with self.connect() as con:
             self._require(con, dataset, version)
-            con.execute(f"COPY (SELECT * FROM \"{dataset}\"{_at(version)}) TO '{_quote(tmp)}' {formats[fmt]}")
-        tmp.replace(path)
-        return path
+            with replacing(target) as tmp:
+                select = f'SELECT * FROM "{dataset}"{_at(version)}'
+                try:
+                    con.execute(f"COPY ({select}) TO '{_quote(tmp)}' {formats[fmt]}")
+                except duckdb.Error as exc:
+                    raise CatalogError(f"cannot write {target}: {str(exc).splitlines()[0]}") from None
+        return target
+
+    def checked_output(self, path: Path | str, force: bool = False) -> Path:
+        """Where an output file may go, symlinks resolved: outside this catalog, not a folder, not an existing
+        file unless `force` (see `storage.outputs`)."""
+        return checked_output(path, force, self.root)
+
+    def outside(self, path: Path | str) -> Path:
+        """`path` resolved; refused when it lies inside this catalog (its metadata, data or lock files)."""
+        return outside(path, self.root)
 
     def cleanup(self) -> list[Path]:
         """Delete the data files no snapshot references (left by a publish that died before its commit); on
@@ -312,21 +346,13 @@ class Catalog:
                                        f"({redact(str(exc)).splitlines()[0]})") from exc
             time.sleep(COMMIT_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
 
-    def _database(self, sandboxed: bool) -> duckdb.DuckDBPyConnection:
-        """This process's DuckDB instance (a plain one, and a sandboxed one for `sql`) with ducklake loaded,
-        kept between calls: loading the extension (signature check of a 36 MB binary) costs ~0.3 s,
-        attaching the lake ~0.05 s. The lake is attached per call, under the file lock; a PostgreSQL lake in
-        the sandboxed instance once, before the sandbox (it refuses to attach PostgreSQL afterwards)."""
-        pid, con = self._databases.get(sandboxed, (None, None))
-        if con is None or pid != os.getpid():
-            con = self._new_database()
-            if sandboxed and self.target:
-                self._attach_postgres(con, write=False, create=False)
-                sandbox(con, self.data_path, [])
-            elif sandboxed:
-                sandbox(con, self.data_path, [Path(f"{self.meta_path}{suffix}") for suffix in META_FILES])
-            self._databases[sandboxed] = (os.getpid(), con)
-        return con
+    def _database(self) -> duckdb.DuckDBPyConnection:
+        """This process's DuckDB instance with ducklake loaded, kept between calls: loading the extension
+        (signature check of a 36 MB binary) costs ~0.3 s, attaching the lake ~0.05 s. The lake is attached per
+        call, under the file lock. `sql()` never uses it: each query gets its own (`_sandboxed`)."""
+        if self._kept is None or self._kept[0] != os.getpid():
+            self._kept = (os.getpid(), self._new_database())
+        return self._kept[1]
 
     def _new_database(self) -> duckdb.DuckDBPyConnection:
         """A DuckDB instance with our own extension folder and the extensions this catalog needs. The postgres
@@ -348,13 +374,15 @@ class Catalog:
 
     def _attach(self, con: duckdb.DuckDBPyConnection, write: bool) -> None:
         """Attach the lake. Datasets arrive as registered Parquet files; the only INSERTs are each publish's
-        few lineage rows, which the inlining limit keeps in the metadata instead of one tiny file each."""
+        few lineage rows, which the inlining limit keeps in the metadata instead of one tiny file each. A local
+        catalog's data is always its own `data/`, wherever the folder is now: OVERRIDE_DATA_PATH opens a copied,
+        moved or symlinked catalog (the override is not written back, and file paths are stored relative)."""
         if self.target:
             return self._attach_postgres(con, write)
         mode = "" if write or not self.meta_path.exists() else ", READ_ONLY"
         try:
-            con.execute(f"ATTACH 'ducklake:{_quote(self.meta_path)}' AS {LAKE} (DATA_PATH "
-                        f"'{_quote(self.data_path)}/', DATA_INLINING_ROW_LIMIT {LINEAGE_INLINE_ROWS}{mode})")
+            con.execute(f"ATTACH 'ducklake:{_quote(self.meta_path)}' AS {LAKE} (DATA_PATH '{_quote(self.data_path)}/', "
+                        f"OVERRIDE_DATA_PATH true, DATA_INLINING_ROW_LIMIT {LINEAGE_INLINE_ROWS}{mode})")
         except duckdb.IOException as exc:
             raise CatalogError(f"cannot open the catalog metadata {self.meta_path} ({exc}); restore it from a "
                                "backup, or give --catalog another folder") from None
@@ -393,13 +421,22 @@ class Catalog:
                                 "--catalog (or the config's `catalog`), e.g. "
                                 "'postgres:dbname=prefmill host=127.0.0.1 port=5432 user=prefmill'")
         if "does not match existing data path" in said:
-            return CatalogError(f"the PostgreSQL catalog {self.location} keeps its data in another folder than "
-                                f"{self.data_path}: {said}\nGive that folder as data_path=… in --catalog")
+            return self._data_path_error(said)
         return CatalogError(f"cannot open the PostgreSQL catalog {self.location}: {said}")
+
+    def _data_path_error(self, said: str) -> CatalogError:
+        """On PostgreSQL the user names the data folder (machines mount it at different places), so a different
+        one is not silently accepted: the error names the lake's folder and how to point at it."""
+        found = re.search(r'existing data path in the catalog "([^"]*)"', said)
+        stored = found[1].rstrip("/") if found else "the folder it was created with"
+        return CatalogError(f"the PostgreSQL catalog {self.location} keeps its data in another folder than "
+                            f"{self.data_path}: in {stored}. Point at it with data_path={stored} in --catalog "
+                            f"(e.g. '{self.location} data_path={stored}'; a URL takes ?data_path=…), or, if the "
+                            "files moved there, give their new folder")
 
     def _postgres_lake_exists(self) -> bool:
         """Whether the database holds a lake yet: attaching read-only says so without creating one."""
-        with self._db_lock, contextlib.closing(self._database(False).cursor()) as con:
+        with self._db_lock, contextlib.closing(self._database().cursor()) as con:
             try:
                 con.execute(f"ATTACH 'ducklake:postgres:{_quote(self.target.conninfo)}' AS {LAKE} "
                             f"(DATA_PATH '{_quote(self.data_path)}/', READ_ONLY)")

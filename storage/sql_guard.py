@@ -1,25 +1,30 @@
-"""What makes `Catalog.sql` read the catalog and nothing else.
+"""What makes `Catalog.sql` read the catalog and nothing else, within bounds.
 
 Two independent layers:
-1. `check_read_only` parses the query before it runs: only SELECT (and EXPLAIN [ANALYZE] of a SELECT), and
-   only table functions from an allowlist. DuckLake's maintenance functions are plain table functions, and
-   some act even through a READ_ONLY attach (`ducklake_cleanup_old_files` deletes data files), so a SELECT
-   is not harmless by its statement type alone.
-2. `sandbox` locks the DuckDB instance: no file access outside the catalog's data folder and metadata
-   files, no setting change (`lock_configuration`); the caller attaches the lake READ_ONLY. A lake on
-   PostgreSQL is attached before the sandbox (the postgres extension refuses to attach without external
-   access); its `postgres_scan`/`postgres_query` functions do not check external access, so for them the
-   allowlist of layer 1 is the only guard (its metadata database is attached read-only all the same).
+1. `checked_select` parses the query before it runs (DuckDB's own parser; no text is re-parsed here): exactly
+   one statement, of type SELECT, calling only table functions from an allowlist. DuckLake's maintenance
+   functions are plain table functions, and some act even through a READ_ONLY attach
+   (`ducklake_cleanup_old_files` deletes data files), so a SELECT is not harmless by its statement type alone.
+   EXPLAIN is not accepted in the query: `explained` wraps the checked statement's own parsed text.
+2. `sandbox` locks a fresh DuckDB instance (one per query, so nothing a query leaves behind reaches the next):
+   no spilling to a temp folder, files only under the catalog's data folder, no setting change
+   (`lock_configuration`), bounded memory and threads; the caller attaches the lake READ_ONLY before it.
+   The postgres extension's `postgres_scan`/`postgres_query` functions do not check external access, so for
+   a lake on PostgreSQL the allowlist of layer 1 is the only guard against them.
+`run_bounded` stops a query at its time limit or at Ctrl-C (`DuckDBPyConnection.interrupt()`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
-import re
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import duckdb
+import pyarrow as pa
 
 from storage.errors import CatalogError
 
@@ -34,73 +39,169 @@ _READERS = {
     "duckdb_schemas", "duckdb_settings", "duckdb_tables", "duckdb_types", "duckdb_views", "summary",
 }
 ALLOWED_TABLE_FUNCTIONS = frozenset(_READERS | _LAKE_READERS | {f"ducklake_{name}" for name in _LAKE_READERS})
-_EXPLAIN = re.compile(r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*EXPLAIN\s+(?:ANALYZE\s+)?(?P<rest>.*)$",
-                      re.IGNORECASE | re.DOTALL)
 _READ_ONLY = "`prefmill sql` is read-only and reads only the catalog"
+Explain = Literal["plan", "analyze"]
 
 
-def check_read_only(query: str) -> None:
-    """Raise `CatalogError` unless every statement of `query` is a SELECT (or EXPLAIN [ANALYZE] of one)
-    whose table functions are all on the allowlist."""
-    for statement in _statements(query):
-        select = _explained(statement) if statement.type.name == "EXPLAIN" else statement
-        if select.type.name != "SELECT":
-            raise CatalogError(f"refused: {select.type.name} statements change the catalog or the session; "
-                               f"{_READ_ONLY} (publish data through the pipeline instead)")
-        _check_table_functions(select.query)
+def _default_memory() -> str:
+    """Half the machine's RAM: a query may not starve the pipeline (or the desktop) it runs beside."""
+    return f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2 // 2**20}MiB"
 
 
-def sandbox(con: duckdb.DuckDBPyConnection, data_path: Path, meta_files: list[Path]) -> None:
-    """Lock a DuckDB instance for good: files only under `data_path` plus the lake's metadata files (so the
-    lake can be attached read-only again for each query), no other external access, settings frozen."""
+@dataclass(frozen=True)
+class SqlLimits:
+    """Bounds of one `Catalog.sql` query: wall time, DuckDB memory (no spilling to disk) and threads."""
+
+    timeout_s: float = 300.0
+    memory: str = field(default_factory=_default_memory)
+    threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
+
+
+def checked_select(query: str) -> Any:
+    """The one SELECT statement of `query` (DuckDB's parsed statement) after checking its table functions;
+    anything else raises `CatalogError`."""
+    statements = _statements(query)
+    _refuse_other_than_one_select(statements)
+    _check_table_functions(statements[0].query)
+    return statements[0]
+
+
+def checked_condition(condition: str) -> str:
+    """A `WHERE` condition as DuckDB's parser prints it back: one expression, nothing after it. Checked first as
+    `SELECT * FROM t WHERE (condition)`, so a condition that closes the bracket and starts a statement is named."""
+    checked_select(f"SELECT * FROM t WHERE ({condition})")
+    try:
+        return str(duckdb.SQLExpression(condition))
+    except duckdb.Error as exc:
+        raise CatalogError(f"cannot parse the condition {condition!r}: {_first_line(exc)}") from None
+
+
+def explained(statement: Any, explain: Explain) -> Any:
+    """`EXPLAIN [ANALYZE]` of a checked SELECT, built from the parser's text of that statement (never the user's
+    whole string) and parsed again: it must be exactly one EXPLAIN statement."""
+    keywords = {"plan": "EXPLAIN", "analyze": "EXPLAIN ANALYZE"}
+    if explain not in keywords:
+        raise CatalogError(f"unknown explain mode {explain!r}: use 'plan' or 'analyze'")
+    wrapped = _statements(f"{keywords[explain]} {statement.query}")
+    if [s.type.name for s in wrapped] != ["EXPLAIN"]:
+        raise CatalogError(f"refused: this query cannot be explained; {_READ_ONLY}")
+    return wrapped[0]
+
+
+def sandbox(con: duckdb.DuckDBPyConnection, data_path: Path, limits: SqlLimits) -> None:
+    """Lock a DuckDB instance for good: no temp folder (DuckDB would let queries read and write it), files
+    only under `data_path` (plus the attached metadata files, which DuckDB itself allows), no other external
+    access, bounded memory and threads, settings frozen."""
+    con.execute("SET temp_directory = ''")
+    con.execute(f"SET memory_limit = '{_quote(limits.memory)}'")
+    con.execute(f"SET threads = {int(limits.threads)}")
     con.execute(f"SET allowed_directories = ['{_quote(data_path)}/']")
-    paths = ", ".join(f"'{_quote(path)}'" for path in meta_files)
-    con.execute(f"SET allowed_paths = [{paths}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
+
+
+def run_bounded(con: duckdb.DuckDBPyConnection, statement: Any, limits: SqlLimits) -> pa.Table:
+    """Run `statement` in a worker thread, so this thread stays free to stop it: at the time limit, or at
+    Ctrl-C (a KeyboardInterrupt here), DuckDB is interrupted and the worker waited for."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: con.execute(statement).arrow().read_all())
+        try:
+            return future.result(timeout=limits.timeout_s)
+        except concurrent.futures.TimeoutError:
+            _interrupt(con, future)
+            raise CatalogError(f"query stopped at the time limit ({limits.timeout_s:g} s): raise it with "
+                               "--timeout SECONDS (Python: Catalog(..., sql_limits=SqlLimits(timeout_s=…)))") from None
+        except BaseException:
+            _interrupt(con, future)
+            raise
+
+
+def duckdb_error(exc: duckdb.Error, limits: SqlLimits) -> CatalogError:
+    """A DuckDB error as a `CatalogError`: which limit was hit and how to raise it, or DuckDB's message without
+    the C++ stack trace an internal error carries."""
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return CatalogError(f"query needs more memory than its limit ({limits.memory}): raise it with "
+                            "--memory-limit (e.g. 8GiB), or select fewer rows/columns")
+    if isinstance(exc, duckdb.PermissionException):
+        return CatalogError(f"refused: `prefmill sql` reads only the catalog's own files ({_first_line(exc)})")
+    if isinstance(exc, duckdb.InternalException):
+        return CatalogError(f"DuckDB could not run this query (an internal error: {_first_line(exc)}); "
+                            "check its arguments, e.g. a NULL in AT (VERSION => …)")
+    return CatalogError(f"{type(exc).__name__}: {exc}")
+
+
+def _interrupt(con: duckdb.DuckDBPyConnection, future: concurrent.futures.Future) -> None:
+    """Interrupt until the worker is done: an interrupt that lands before DuckDB starts the query is lost."""
+    while not future.done():
+        con.interrupt()
+        concurrent.futures.wait([future], timeout=0.05)
 
 
 def _statements(query: str) -> list[Any]:
     try:
         return duckdb.extract_statements(query)
     except duckdb.Error as exc:
-        raise CatalogError(f"cannot parse SQL: {exc}") from exc
+        raise CatalogError(f"cannot parse SQL: {exc}") from None
 
 
-def _explained(statement: Any) -> Any:
-    """The statement under `EXPLAIN [ANALYZE]`; other EXPLAIN forms are refused."""
-    match = _EXPLAIN.match(statement.query)
-    try:
-        inner = duckdb.extract_statements(match["rest"]) if match else []
-    except duckdb.Error:
-        inner = []
-    if len(inner) != 1:
-        raise CatalogError(f"refused: only `EXPLAIN [ANALYZE] SELECT …` is supported; {_READ_ONLY}")
-    return inner[0]
+def _refuse_other_than_one_select(statements: list[Any]) -> None:
+    """Name what is refused truthfully: an empty query, EXPLAIN (an option), a writing statement type, a
+    PIVOT that would first create a type, or a second statement."""
+    types = [s.type.name for s in statements]
+    if not types:
+        raise CatalogError("empty query: write one SELECT (comments alone are no query)")
+    if types == ["EXPLAIN"]:
+        raise CatalogError("refused: EXPLAIN is an option, not part of the query: `prefmill sql --explain "
+                           "[--analyze] \"SELECT …\"` (Python: Catalog.sql(query, explain='plan' or 'analyze'))")
+    if types[0] == "CREATE" and types[1:] == ["SELECT"] and not statements[0].query:
+        raise CatalogError("refused: this PIVOT first creates an ENUM type of the values it finds; list them "
+                           "instead, e.g. PIVOT t ON b IN ('x', 'y') USING sum(a)")
+    other = next((t for t in types if t != "SELECT"), None)
+    if other:
+        raise CatalogError(f"refused: {other} statements change the catalog or the session; {_READ_ONLY} "
+                           "(publish data through the pipeline instead)")
+    if len(types) > 1:
+        raise CatalogError(f"refused: {len(types)} statements; `prefmill sql` runs one SELECT at a time")
 
 
 def _check_table_functions(select: str) -> None:
-    with duckdb.connect() as con:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [select]).fetchone()[0])
-    if tree.get("error"):
-        raise CatalogError(f"refused: cannot check this query ({tree.get('error_message')}); {_READ_ONLY}")
-    for name in _table_functions(tree):
+    for name in _table_functions(_serialized(select)):
         if name.lower() not in ALLOWED_TABLE_FUNCTIONS:
             raise CatalogError(f"refused: table function {name}() may write, run other SQL or read outside the "
                                f"catalog; {_READ_ONLY}")
 
 
-def _table_functions(node: Any) -> Iterator[str]:
-    """Every table function called anywhere in a serialized query (subqueries, CTEs and joins included)."""
-    if isinstance(node, dict):
-        if node.get("type") == "TABLE_FUNCTION":
-            yield node["function"]["function_name"]
-        for value in node.values():
-            yield from _table_functions(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _table_functions(value)
+def _serialized(select: str) -> Any:
+    """DuckDB's parse tree of one SELECT as JSON; a tree too deep for Python's JSON reader is refused."""
+    with duckdb.connect() as con:
+        text = con.execute("SELECT json_serialize_sql(?)", [select]).fetchone()[0]
+    try:
+        tree = json.loads(text)
+    except RecursionError:
+        raise CatalogError("refused: the query nests too deeply to be checked (e.g. hundreds of nested "
+                           "subqueries); flatten it with CTEs") from None
+    if tree.get("error"):
+        raise CatalogError(f"refused: cannot check this query ({tree.get('error_message')}); {_READ_ONLY}")
+    return tree
 
 
-def _quote(path: Path) -> str:
+def _table_functions(root: Any) -> Iterator[str]:
+    """Every table function called anywhere in a serialized query (subqueries, CTEs, joins, AT clauses),
+    walked without recursion: a deep tree must not exhaust Python's stack."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "TABLE_FUNCTION":
+                yield node["function"]["function_name"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).split("\n\nStack Trace")[0].strip().splitlines()[0]
+
+
+def _quote(path: Path | str) -> str:
     return str(path).replace("'", "''")

@@ -132,6 +132,74 @@ def test_export_loads_with_hugging_face_datasets(catalog, tmp_path):
     assert set(PAIRS.names) <= set(from_parquet.column_names)
 
 
+def test_export_replaces_an_existing_file_only_with_force(catalog, tmp_path):
+    catalog.publish(pairs(2), "pairs")
+    out = tmp_path / "existing.txt"
+    out.write_text("keep me")
+    with pytest.raises(CatalogError, match=f"{out} exists: choose another name, or add --force"):
+        catalog.export("pairs", out, "jsonl")
+    assert out.read_text() == "keep me"
+    assert catalog.export("pairs", out, "jsonl", force=True) == out
+    assert len(out.read_text().splitlines()) == 2 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_never_writes_inside_the_catalog(catalog, tmp_path):
+    catalog.publish(pairs(2), "pairs")
+    (data_file,) = catalog.data_path.rglob("*.parquet")
+    link = tmp_path / "innocent.parquet"
+    link.symlink_to(data_file)
+    before = {p: p.read_bytes() for p in catalog.root.rglob("*") if p.is_file()}
+    for target in (catalog.meta_path, data_file, catalog.root / ".lock", catalog.data_path / "new.parquet",
+                   link, tmp_path / "elsewhere" / ".." / catalog.root.name / "meta.ducklake", catalog.root):
+        with pytest.raises(CatalogError, match="is inside the catalog .*--force does not change this"):
+            catalog.export("pairs", target, "parquet", force=True)
+    assert {p: p.read_bytes() for p in catalog.root.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "no output path given"), ("folder", "is a folder: give a file name"),
+    ("folder/..", "is a folder: give a file name"), ("/proc/x", "cannot write /proc/x"),
+])
+def test_export_to_a_bad_path_is_a_clear_error_that_leaves_nothing(catalog, tmp_path, monkeypatch, name, message):
+    catalog.publish(pairs(2), "pairs")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CatalogError, match=message):
+        catalog.export("pairs", name, "parquet")
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_failed_write_leaves_neither_a_partial_file_nor_a_tmp(tmp_path):
+    from storage.outputs import replacing
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(out) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert out.read_text() == "old" and list(tmp_path.iterdir()) == [out]
+
+
+def test_export_cli_refuses_overwrites_and_the_catalog_for_every_format(catalog, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    catalog.publish(pairs(2), "pairs")
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    before = {p: p.read_bytes() for p in catalog.root.rglob("*") if p.is_file()}
+    for args, message in [(["-o", str(existing)], "exists: choose another name, or add --force"),
+                          (["-o", str(catalog.meta_path), "--force"], "is inside the catalog"),
+                          (["-o", str(catalog.root), "--format", "trl"], "is inside the catalog"),
+                          (["-o", str(tmp_path)], "is a folder")]:
+        result = CliRunner().invoke(app, ["export", "pairs", *args, "--catalog", str(catalog.root)])
+        assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert existing.read_text() == "keep me"
+    assert {p: p.read_bytes() for p in catalog.root.rglob("*") if p.is_file()} == before
+
+
 PUBLISHER = """
 import sys, time
 sys.path.insert(0, {tests!r})
