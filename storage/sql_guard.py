@@ -67,13 +67,14 @@ def checked_select(query: str) -> Any:
 
 
 def checked_condition(condition: str) -> str:
-    """A `WHERE` condition as DuckDB's parser prints it back: one expression, nothing after it. Checked first as
-    `SELECT * FROM t WHERE (condition)`, so a condition that closes the bracket and starts a statement is named."""
-    checked_select(f"SELECT * FROM t WHERE ({condition})")
+    """A `WHERE` condition as DuckDB's parser prints it back: one expression, nothing after it (comments gone).
+    One that does not parse is checked as `SELECT * FROM t WHERE (condition)` first, so that a statement
+    smuggled after it is named."""
     try:
         return str(duckdb.SQLExpression(condition))
     except duckdb.Error as exc:
-        raise CatalogError(f"cannot parse the condition {condition!r}: {_first_line(exc)}") from None
+        checked_select(f"SELECT * FROM t WHERE ({condition})")
+        raise CatalogError(f"refused: the condition must be one SQL expression ({_first_line(exc)})") from None
 
 
 def explained(statement: Any, explain: Explain) -> Any:

@@ -70,6 +70,24 @@ def test_show_filters_limits_and_refuses_writes(catalog):
     assert catalog.read("pairs").num_rows == 2 * len(PROMPTS)
 
 
+@pytest.mark.parametrize("where", [
+    "1=1); /* /* */ EXPLAIN SELECT 1 -- */ EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '{meta}' (FORMAT csv)",
+    "1=1) UNION ALL SELECT * FROM pairs WHERE (1=1",
+    "1=1 ORDER BY pair_id LIMIT 1 --",
+    "margin > 0, margin < 9",
+])
+def test_show_where_is_one_expression_and_can_only_filter(catalog, where):
+    before = catalog.meta_path.read_bytes()
+    with pytest.raises(CatalogError, match="refused|cannot parse"):
+        _shown(catalog, where=where.format(meta=catalog.meta_path))
+    assert catalog.meta_path.read_bytes() == before and catalog.read("pairs").num_rows == 2 * len(PROMPTS)
+
+
+def test_show_where_keeps_comments_and_subqueries_that_read(catalog):
+    count, _ = _shown(catalog, where="prompt_id IN (SELECT 'prompt-4') -- the python one", limit=10)
+    assert count == 2
+
+
 def test_show_cli(catalog):
     out = _run("show", "pairs", "--where", "margin > 2.05", "--limit", "10", "--catalog", str(catalog.root))
     assert "1 pair(s) shown" in out and "pair-5-0" in out and "boiling point" in out
