@@ -293,11 +293,11 @@ class Catalog:
             raise CatalogError(f"no catalog yet at {self.location}: publish a dataset first (prefmill run), "
                                "or give --catalog the folder that holds meta.ducklake (or the PostgreSQL "
                                "database that holds the lake's metadata)")
-        with self.connect(sandboxed=True) as con:
-            try:
+        try:
+            with self.connect(sandboxed=True) as con:
                 return run_bounded(con, statement, self.sql_limits)
-            except duckdb.Error as exc:
-                raise duckdb_error(exc, self.sql_limits) from None
+        except duckdb.Error as exc:  # the query's, or a limit DuckDB does not accept (--memory-limit lots)
+            raise duckdb_error(exc, self.sql_limits) from None
 
     def export(self, dataset: str, path: Path | str, fmt: str, version: int | None = None,
                force: bool = False) -> Path:

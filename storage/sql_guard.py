@@ -128,7 +128,7 @@ def duckdb_error(exc: duckdb.Error, limits: SqlLimits) -> CatalogError:
     if isinstance(exc, duckdb.InternalException):
         return CatalogError(f"DuckDB could not run this query (an internal error: {_first_line(exc)}); "
                             "check its arguments, e.g. a NULL in AT (VERSION => …)")
-    return CatalogError(f"{type(exc).__name__}: {exc}")
+    return CatalogError(f"{type(exc).__name__}: {_without_stack_trace(exc)}")
 
 
 def _interrupt(con: duckdb.DuckDBPyConnection, future: concurrent.futures.Future) -> None:
@@ -200,8 +200,12 @@ def _table_functions(root: Any) -> Iterator[str]:
             stack.extend(node)
 
 
+def _without_stack_trace(exc: BaseException) -> str:
+    return str(exc).split("\n\nStack Trace")[0].strip()
+
+
 def _first_line(exc: BaseException) -> str:
-    return str(exc).split("\n\nStack Trace")[0].strip().splitlines()[0]
+    return _without_stack_trace(exc).splitlines()[0]
 
 
 def _quote(path: Path | str) -> str:

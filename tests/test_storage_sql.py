@@ -266,6 +266,8 @@ def test_cli_sql_explain_timeout_and_a_query_starting_with_a_dash(catalog):
     out = _cli("sql", "SELECT count(*) FROM range(1000000000000)", "--timeout", "1", "--catalog",
                str(catalog.root), code=2)
     assert "time limit (1 s): raise it with --timeout" in out
+    assert "Memory must have a number" in _cli("sql", "SELECT 1", "--memory-limit", "lots", "--catalog",
+                                               str(catalog.root), code=2)
 
 
 def test_cli_sql_output_refuses_existing_catalog_and_folder_paths(catalog, tmp_path):
