@@ -19,6 +19,7 @@ import ray
 
 from schemas.config import EngineConfig, PoolConfig, prefmill_home
 from serving.hosts import ModelHost, Step, StepRun, run_step
+from serving.orphans import OrphanWatchdog
 from serving.protocols import Completion, Conversation, Message, Sampling
 
 _RAY_ENV = {
@@ -109,6 +110,9 @@ class RayEnginePool:
     """A `LanguageModel` whose work is spread over `config.num_actors` Ray actors."""
 
     def __init__(self, config: PoolConfig = PoolConfig(), log_to_driver: bool = True):
+        # a local Ray runtime started here, and this pool's actors, end with this process even on kill -9 (Ray
+        # stops its head processes then, not its agents; each actor's engine has a watchdog of its own)
+        self._watchdog = OrphanWatchdog()
         ensure_ray(config.address, log_to_driver=log_to_driver)
         self.config = config
         self.name = config.engine.model
@@ -148,6 +152,7 @@ class RayEnginePool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self._watchdog.stop()
 
     def _fan_out(self, items: list, call: Callable) -> list:
         shards = split_evenly(list(enumerate(items)), len(self.actors))
