@@ -34,8 +34,9 @@ from flows.runner import configure_environment  # noqa: E402
 configure_environment(verbose=False)
 
 from bench.selfchat import CountingLM, raw_generate  # noqa: E402
-from flows.pipeline import attached, busy_seconds, pipeline  # noqa: E402
+from flows.pipeline import pipeline_flow  # noqa: E402
 from flows.report import stage_rows  # noqa: E402
+from flows.results import busy_seconds  # noqa: E402
 from schemas.config import load_pipeline_config  # noqa: E402
 from serving.engine import VLLMEngine  # noqa: E402
 from serving.hosts import HostSession, LocalPool, Meter, ModelHost, run_step  # noqa: E402
@@ -83,8 +84,7 @@ def main() -> None:
     engine = VLLMEngine(cfg.engine.model_copy(update={"model": cfg.models.assistant}))
     pool = StagePool(ModelHost(preloaded={cfg.models.assistant: engine}, prefix_batch=cfg.flr.prefix_batch))
     flow_started = time.perf_counter()
-    with attached(pool=pool):
-        result = pipeline(cfg.model_dump(mode="json"))
+    result = pipeline_flow(pool=pool)(cfg.model_dump(mode="json"))
     flow_call_s = time.perf_counter() - flow_started
     demo_wall = time.perf_counter() - started
     rollout = result.stages["rollout"]

@@ -9,17 +9,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from statistics import fmean
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
+from flows.results import RunResult
 from operators.gates import REVISION_SELF_TALK
 from schemas.config import PipelineConfig
-
-if TYPE_CHECKING:
-    from flows.pipeline import RunResult
 
 HISTOGRAM_BINS = 8
 

@@ -76,7 +76,7 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     cfg = load_pipeline_config(config_path, overrides)
     seeds = check_input_files(cfg)
     configure_environment(verbose)
-    from flows.pipeline import attached, pipeline
+    from flows.pipeline import pipeline_flow
     from flows.report import print_summary
 
     check_prefect_api()
@@ -87,8 +87,8 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     if not verbose:
         flow_log.addFilter(_no_traceback_for_a_lost_api)
     try:
-        with stage_progress(console, cfg) as report, attached(reporter=report):
-            result = pipeline(cfg.model_dump(mode="json"))
+        with stage_progress(console, cfg) as report:
+            result = pipeline_flow(reporter=report)(cfg.model_dump(mode="json"))
     except Exception as exc:
         url = prefect_api_url()
         lost = api_connection_error(exc, url)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from operators.ids import stable_id
+from schemas.config import CandidatesSection
 from schemas.tables import CANDIDATES
 from serving.protocols import PROMPT_TOO_LONG, Completion, LanguageModel, Sampling
 
@@ -41,13 +42,16 @@ def context_row(conversation_id: str, seed_id: str, messages: list[dict], end: i
             "seed_id": seed_id, "context": list(messages[: end + 1])}
 
 
+_DEFAULTS = CandidatesSection()  # the config section holds every default: one definition
+
+
 @dataclass(frozen=True)
 class CandidateSampler:
-    n: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 192
-    seed: int = 0
+    n: int = _DEFAULTS.n
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    max_tokens: int = _DEFAULTS.max_tokens
+    seed: int = _DEFAULTS.seed
 
     def __call__(self, context_rows: list[dict], lm: LanguageModel) -> pa.Table:
         """n candidate replies per context, as a `candidates` table."""

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from operators.gates import revision_text
 from operators.retrieval import DocumentIndex, tokens
+from schemas.config import CritiquesSection
 from schemas.tables import CRITIQUES
 from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Sampling
 
@@ -212,18 +213,21 @@ def _choose_passages(claim: str, split: list[list[str]], budget: int, count: Tok
     return chosen
 
 
+_DEFAULTS = CritiquesSection()  # the config section holds every default: one definition
+
+
 @dataclass(frozen=True)
 class ClaimCritic:
     """`__call__(candidates, lm, documents_by_seed, index)` → a `critiques` table."""
 
-    rounds: int = 2
+    rounds: int = _DEFAULTS.rounds
     weights: dict[str, float] = field(default_factory=lambda: {"supported": 1.0, "contradicted": 0.0,
                                                                "unverifiable": 0.0})
-    evidence_k: int = 2
-    max_evidence_tokens: int = 2048
-    max_tokens: int = 256
+    evidence_k: int = _DEFAULTS.evidence_k
+    max_evidence_tokens: int = _DEFAULTS.max_evidence_tokens
+    max_tokens: int = _DEFAULTS.max_tokens
     temperature: float = 0.0
-    seed: int = 0
+    seed: int = _DEFAULTS.seed
 
     def __call__(self, candidates: list[dict], lm: LanguageModel, documents_by_seed: dict[str, list[str]] | None = None,
                  index: DocumentIndex | None = None) -> pa.Table:

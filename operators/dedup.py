@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pyarrow as pa
 
-from schemas.config import DedupOn
+from schemas.config import DedupOn, DedupSection
 from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
 from serving.protocols import Embedder
 
@@ -106,6 +106,9 @@ def embed_pairs(rows: list[dict], embedder: Embedder) -> PairVectors:
     return PairVectors(vectors[:len(rows)], vectors[len(rows):])
 
 
+_DEFAULTS = DedupSection()  # the config section holds every default: one definition
+
+
 @dataclass(frozen=True)
 class Deduper:
     """`__call__(pairs, embedder, index_factory, published=None, run_id=None)` → `DedupResult`.
@@ -114,9 +117,9 @@ class Deduper:
     `_version` column when known. `index_factory(dim, sample)` builds the nearest-neighbour index.
     """
 
-    threshold: float = 0.9
-    neighbors: int = 16
-    on: DedupOn = "pair"
+    threshold: float = _DEFAULTS.threshold
+    neighbors: int = _DEFAULTS.neighbors
+    on: DedupOn = _DEFAULTS.on
 
     def __post_init__(self):
         if not 0.0 < self.threshold <= 1.0:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
+from schemas.config import FLRSection
 from schemas.tables import REWARDS
 from serving.protocols import PROMPT_TOO_LONG, ContinuationScorer, Message, ScoredPrefix
 
@@ -79,13 +80,16 @@ def _read_object(path: Path) -> dict:
     return data
 
 
+_DEFAULTS = FLRSection()  # the config section holds every default: one definition
+
+
 @dataclass(frozen=True)
 class FollowUpReward:
     """Scores candidate replies. `__call__(candidates, scorer)` → a `rewards` table."""
 
     followups: tuple[FollowUp, ...] = field(default_factory=load_followups)
-    aggregation: str = "mean"
-    max_tokens: int | None = 4096
+    aggregation: str = _DEFAULTS.aggregation
+    max_tokens: int | None = _DEFAULTS.max_tokens
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from operators.gates import reply_gate
 from operators.ids import stable_id
+from schemas.config import PairsSection
 from schemas.tables import CANDIDATES, PAIR_REJECTS, PAIRS
 from serving.protocols import PROMPT_TOO_LONG
 
@@ -77,17 +78,20 @@ def revised_candidates(candidates: pa.Table, critiques: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CANDIDATES)
 
 
+_DEFAULTS = PairsSection()  # the config section holds every default: one definition
+
+
 @dataclass(frozen=True)
 class PairMiner:
     """`__call__(candidates, rewards, critiques=None, run_id=None)` → `MinedPairs`."""
 
-    strategy: str = "best_worst"
-    flr_weight: float = 1.0
-    factuality_weight: float = 1.0
-    normalization: str = "pooled"
-    min_margin: float = 0.25
-    max_pairs_per_context: int = 3
-    seed: int = 0
+    strategy: str = _DEFAULTS.strategy
+    flr_weight: float = _DEFAULTS.flr_weight
+    factuality_weight: float = _DEFAULTS.factuality_weight
+    normalization: str = _DEFAULTS.normalization
+    min_margin: float = _DEFAULTS.min_margin
+    max_pairs_per_context: int = _DEFAULTS.max_pairs_per_context
+    seed: int = _DEFAULTS.seed
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

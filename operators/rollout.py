@@ -18,6 +18,7 @@ import pyarrow as pa
 from operators.candidates import CandidateSampler, context_ends, context_row
 from operators.selfchat import Dialogues, Progress, SelfChat
 from operators.streams import run_requests
+from schemas.config import CandidatesSection
 from schemas.tables import CANDIDATES
 from serving.protocols import Completion, LanguageModel, Request
 
@@ -32,7 +33,7 @@ class RolloutTables:
 class Rollout:
     selfchat: SelfChat = field(default_factory=SelfChat)
     sampler: CandidateSampler = field(default_factory=CandidateSampler)
-    contexts: str = "last"
+    contexts: str = CandidatesSection().contexts
 
     def __post_init__(self):
         if self.contexts not in {"all", "last"}:

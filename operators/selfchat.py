@@ -26,6 +26,7 @@ import pyarrow as pa
 from operators.gates import ECHO_THRESHOLD, REPEAT_THRESHOLD, user_turn_gate
 from operators.ids import stable_id
 from operators.streams import run_requests
+from schemas.config import SelfChatSection
 from schemas.tables import CONVERSATIONS
 from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Request, Sampling
 
@@ -73,6 +74,9 @@ def parse_user_turn(raw: str) -> UserTurn:
     return UserTurn(text, False, raw)
 
 
+_DEFAULTS = SelfChatSection()  # the config section holds every default: one definition
+
+
 @dataclass(frozen=True)
 class SelfChat:
     """Runs self-chat for a batch of seeds. Config in fields; `__call__(seeds, assistant, simulator)`.
@@ -83,13 +87,13 @@ class SelfChat:
     requests with the same seeds.
     """
 
-    max_turns: int = 3
-    token_budget: int = 1024
-    max_tokens_per_turn: int = 192
-    simulator_max_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
+    max_turns: int = _DEFAULTS.max_turns
+    token_budget: int = _DEFAULTS.token_budget
+    max_tokens_per_turn: int = _DEFAULTS.max_tokens_per_turn
+    simulator_max_tokens: int = _DEFAULTS.simulator_max_tokens
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    seed: int = _DEFAULTS.seed
     gates: bool = True
     echo_threshold: float = ECHO_THRESHOLD
     repeat_threshold: float = REPEAT_THRESHOLD

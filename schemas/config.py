@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import fcntl
 import hashlib
@@ -10,7 +11,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,6 +64,13 @@ class PoolConfig(BaseModel):
                                                              "sharing its engine)")
     prefix_batch: int = Field(default=8, ge=1, description="prefixes per FLR scorer forward pass on an actor")
     address: str | None = Field(default=None, description="a Ray cluster address; None starts a local runtime")
+
+
+def settings(operator: type, section: BaseModel) -> dict[str, Any]:
+    """The values of `section` that the dataclass `operator` takes, by field name: a config section is its
+    operator's settings (the operator's defaults are the section's), so a stage copies nothing by hand."""
+    names = {f.name for f in dataclasses.fields(operator)}
+    return {name: getattr(section, name) for name in type(section).model_fields if name in names}
 
 
 def config_hash(config: BaseModel | dict) -> str:

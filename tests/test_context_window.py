@@ -152,7 +152,7 @@ def test_critique_requests_over_the_window_give_a_reason_per_claim_not_a_crash()
 
 @pytest.mark.slow
 def test_the_pipeline_on_the_engine_records_a_seed_over_the_window_and_publishes_the_rest(engine, tmp_path):
-    from flows.pipeline import attached, pipeline
+    from flows.pipeline import pipeline_flow
     from schemas.config import load_pipeline_config
     from serving.hosts import LocalPool, ModelHost
     from storage.catalog import Catalog
@@ -165,8 +165,8 @@ def test_the_pipeline_on_the_engine_records_a_seed_over_the_window_and_publishes
         f'seeds.path="{seeds}"', "shard_size=3", "selfchat.max_turns=1", "selfchat.max_tokens_per_turn=32",
         "candidates.n=2", "candidates.max_tokens=32", "critiques.rounds=0", "critiques.top_k=1",
         "critiques.max_tokens=64", f'catalog="{tmp_path / "catalog"}"', f'result_storage="{tmp_path / "results"}"'])
-    with attached(pool=LocalPool(ModelHost(preloaded={"smollm2-135m": engine}))):
-        result = pipeline(cfg.model_dump(mode="json"))
+    pool = LocalPool(ModelHost(preloaded={"smollm2-135m": engine}))
+    result = pipeline_flow(pool=pool)(cfg.model_dump(mode="json"))
 
     catalog = Catalog(cfg.catalog)
     conversations = {r["messages"][0]["content"]: r for r in catalog.read("conversations").to_pylist()}

@@ -28,10 +28,9 @@ def tiny_config(tmp_path, *extra: str) -> PipelineConfig:
 
 
 def run(cfg: PipelineConfig, pool):
-    from flows.pipeline import attached, pipeline
+    from flows.pipeline import pipeline_flow
 
-    with attached(pool=pool):
-        return pipeline(cfg.model_dump(mode="json"))
+    return pipeline_flow(pool=pool)(cfg.model_dump(mode="json"))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,7 @@ class SlowSiblingPool:
         self.lock = threading.Lock()
 
     def run(self, step, rows):
-        if rows[0]["seed_id"] == self.first:
+        if rows["seeds"]["seed_id"][0].as_py() == self.first:
             raise RuntimeError("injected crash")
         with self.lock:
             self.running += 1

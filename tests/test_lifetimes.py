@@ -4,7 +4,6 @@ engine's side is in `test_engine.py::test_a_closed_engine_leaves_no_tokenizer_be
 
 from __future__ import annotations
 
-import contextvars
 import gc
 import sys
 import types
@@ -25,20 +24,19 @@ class Closable:
 
 
 def test_a_finished_run_keeps_no_reference_to_the_pool_it_opened(tmp_path, monkeypatch):
-    """Prefect keeps copies of a task's context (holding the run's Runtime) in services that outlive the
-    run; the Runtime must let go of the pool, or every run's engine stays in memory."""
+    """Prefect keeps what a task was called with (the run's models among its arguments) in services that
+    outlive the run; the run's models must let go of the pool, or every run's engine stays in memory."""
     import flows.pipeline as P
 
     monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
-    with P.pipeline_pool(load_pipeline_config(None, [f'catalog="{tmp_path}"'])):
-        pool = P._RUN.get().get_pool()
-        kept = contextvars.copy_context()  # what a Prefect service keeps of a task's context
+    with P.RunModels(load_pipeline_config(None, [f'catalog="{tmp_path}"'])) as models:
+        pool = models.pool()
+    kept = models  # what a Prefect service keeps of a task's arguments
     assert pool.closed
     gone = weakref.ref(pool)
     del pool
     gc.collect()
-    assert gone() is None
-    assert kept[P._RUN] is not None  # the context copy is still alive; only the pool went
+    assert gone() is None and kept.owned is None
 
 
 def test_a_closed_host_lets_go_of_the_engines_it_opened_but_not_of_preloaded_ones(monkeypatch):
@@ -84,14 +82,19 @@ def test_no_vllm_module_keeps_a_traceback_holding_its_importers_frames():
     assert str(probe.import_error) == "could not load optional_dep"  # the message stays
 
 
-def test_a_runtime_that_ended_refuses_to_open_another_pool(tmp_path, monkeypatch):
-    """A task still running when its run ends (an interrupted run) must not open a pool nobody closes."""
+def test_run_models_that_ended_refuse_to_open_another_pool(tmp_path, monkeypatch):
+    """A task still running when its run ends (an interrupted run) must not open a pool nobody closes; a
+    lent pool is its owner's to close."""
     import flows.pipeline as P
 
     monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
-    runtime = P.Runtime(load_pipeline_config(None, [f'catalog="{tmp_path}"']))
-    pool = runtime.get_pool()
-    runtime.close()
-    assert pool.closed and runtime.pool is None
+    cfg = load_pipeline_config(None, [f'catalog="{tmp_path}"'])
+    with P.RunModels(cfg) as models:
+        pool = models.pool()
+    assert pool.closed and models.owned is None
     with pytest.raises(RuntimeError, match="run has ended"):
-        runtime.get_pool()
+        models.pool()
+    lent = Closable()
+    with P.RunModels(cfg, lent) as models:
+        assert models.pool() is lent
+    assert not lent.closed

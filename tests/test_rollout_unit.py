@@ -69,13 +69,16 @@ def test_a_request_for_an_unknown_model_names_it():
                      lambda r, c: [follow_up] if r.key == "k" else [])
 
 
-def test_the_flow_rollout_step_on_a_host_streams_when_assistant_and_simulator_are_one_model():
-    """Regression: each `chat_model` call of a host session returned a new wrapper, so the step's
+def test_the_flow_rollout_stage_on_a_host_streams_when_assistant_and_simulator_are_one_model():
+    """Regression: each `chat_model` call of a host session returned a new wrapper, so the stage's
     assistant and simulator looked like two models and the rollout fell back from one stream to waves."""
-    from flows.steps import RolloutStep
+    import pyarrow as pa
+
+    from flows.stages.rollout import RolloutStage
     from serving.hosts import ModelHost, run_step
 
     lm = StreamingScriptedLM(varied, name="m")
-    run = run_step(RolloutStep(Rollout(SELFCHAT, SAMPLER), "m", "m"), SEEDS, ModelHost(preloaded={"m": lm}))
+    run = run_step(RolloutStage(Rollout(SELFCHAT, SAMPLER), "m", "m"), {"seeds": pa.Table.from_pylist(SEEDS)},
+                   ModelHost(preloaded={"m": lm}))
     assert any(kind == "add" for kind, _ in lm.events), "the rollout did not use the model's stream"
     assert run.requests == len([e for e in lm.events if e[0] == "done"]) > 0

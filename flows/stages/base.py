@@ -1,0 +1,113 @@
+"""The stage contract: one step of the pipeline over one shard, next to the models it needs.
+
+A stage is a small frozen dataclass holding its operators' configuration, with
+- `name`, and the tables it `consumes` and `produces` (by name: a shard is a dict of named tables, and a
+  later stage may refine a table an earlier one produced, e.g. candidates plus their critique revisions);
+- `roles()`: the models it needs, role → `ModelRole` (spec and kind), so placement can be planned before
+  anything loads;
+- `from_config(cfg)`: the stage built from its own config section, or None when the config turns it off;
+- `__call__(tables, models)`: the work, where `models` gives `chat_model(spec)` and `scorer(spec)`.
+Its `fingerprint()` hashes its configuration and the source of every repository module its code imports,
+transitively, plus the serving code behind its model roles, so a changed algorithm is never served from a
+stored result.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+import pyarrow as pa
+
+from schemas.config import PipelineConfig
+
+REPO_PACKAGES = ("flows", "operators", "schemas", "serving", "storage")
+# the code behind each kind of model role: it shapes the outputs too (sampling parameters, scoring)
+ROLE_MODULES = {"chat": ("serving.engine", "serving.http_client"), "scorer": ("serving.prefix_scorer",)}
+
+
+@dataclass(frozen=True)
+class ModelRole:
+    """A model a stage needs: its spec and how it is used (`chat`: a vLLM engine; `scorer`: FLR scoring)."""
+
+    spec: str
+    kind: Literal["chat", "scorer"] = "chat"
+
+
+class Models(Protocol):
+    """What a stage sees of the models of its process (a `serving.hosts.HostSession`)."""
+
+    def chat_model(self, spec: str) -> Any: ...
+
+    def scorer(self, spec: str) -> Any: ...
+
+
+class Stage:
+    """Base of every stage (mixed into a frozen dataclass)."""
+
+    name: ClassVar[str]
+    consumes: ClassVar[tuple[str, ...]]
+    produces: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> Stage | None:
+        raise NotImplementedError
+
+    def roles(self) -> dict[str, ModelRole]:
+        raise NotImplementedError
+
+    def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash of the stage's configuration (its fields, model specs included) and of the source of every
+        repository module its own module imports, transitively."""
+        roots = {type(self).__module__, *(m for role in self.roles().values() for m in ROLE_MODULES[role.kind])}
+        sources = [module_source(name) for name in sorted(set().union(*map(imported_modules, roots)))]
+        return hashlib.sha256(json.dumps([repr(self), sources]).encode()).hexdigest()[:16]
+
+
+def imported_modules(root: str) -> set[str]:
+    """`root` and every repository module it imports, directly or through others (function-level imports
+    included), read from the source without importing anything."""
+    seen: set[str] = set()
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        if name in seen or module_path(name) is None:
+            continue
+        seen.add(name)
+        todo += [m for m in _imports(name) if m.split(".")[0] in REPO_PACKAGES]
+    return seen
+
+
+def _imports(name: str) -> list[str]:
+    """Modules named by `name`'s import statements; `from package import module` names both."""
+    tree = ast.parse(module_source(name))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return found
+
+
+def module_path(name: str) -> Path | None:
+    """The source file of repository module `name`, found without importing it (importing `serving.engine`
+    would load vLLM just to hash a file)."""
+    top, *rest = name.split(".")
+    if top not in REPO_PACKAGES:
+        return None
+    spec = importlib.util.find_spec(top)
+    base = Path(spec.submodule_search_locations[0]).joinpath(*rest)
+    return next((p for p in (base.with_name(base.name + ".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def module_source(name: str) -> str:
+    return module_path(name).read_text()

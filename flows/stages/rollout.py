@@ -1,0 +1,39 @@
+"""Self-chat and candidate replies for a shard of seeds, as one request stream on the assistant's engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from flows.stages.base import ModelRole, Models, Stage
+from operators.candidates import CandidateSampler
+from operators.rollout import Rollout
+from operators.selfchat import SelfChat
+from schemas.config import PipelineConfig, settings
+
+
+@dataclass(frozen=True)
+class RolloutStage(Stage):
+    rollout: Rollout
+    assistant: str
+    simulator: str
+
+    name = "rollout"
+    consumes = ("seeds",)
+    produces = ("conversations", "candidates")
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> RolloutStage:
+        models = cfg.models.resolved()
+        rollout = Rollout(SelfChat(**settings(SelfChat, cfg.selfchat)),
+                          CandidateSampler(**settings(CandidateSampler, cfg.candidates)), cfg.candidates.contexts)
+        return cls(rollout, models["assistant"], models["simulator"])
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {"assistant": ModelRole(self.assistant), "simulator": ModelRole(self.simulator)}
+
+    def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
+        out = self.rollout(tables["seeds"].to_pylist(), models.chat_model(self.assistant),
+                           models.chat_model(self.simulator))
+        return {"conversations": out.conversations, "candidates": out.candidates}
