@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from schemas.config import config_hash, file_lock, prefmill_home
 from schemas.tables import conform
-from storage.columns import column_definitions, match_columns
+from storage.columns import column_definitions, evolve_columns, match_columns
 from storage.errors import CatalogError
 from storage.outputs import checked_output, outside, replacing
 from storage.postgres import PostgresTarget, parse_target, redact
@@ -213,14 +213,14 @@ class Catalog:
         with self.connect(write=True) as con:
             if not self.target and self._pending_path.exists():  # the last publish died before its commit
                 self._delete_orphans(con)
-            tables = {name: self._matched(con, name, t) for name, t in tables.items()}
+            tables, added = self._fitted(con, tables, set(schemas or {}))
             files = {name: self._new_data_file(name) for name, t in tables.items() if t.num_rows}
             marker = contextlib.nullcontext() if self.target else self._publishing()
             with marker:
                 try:
                     for name, path in files.items():
                         write_parquet(tables[name], path)
-                    self._commit_retrying(con, tables, files, info)
+                    self._commit_retrying(con, tables, files, info, added)
                 except BaseException:
                     for path in files.values():
                         path.unlink(missing_ok=True)
@@ -334,12 +334,12 @@ class Catalog:
             return self._delete_orphans(con)
 
     def _commit_retrying(self, con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table],
-                         files: dict[str, Path], info: dict[str, Any]) -> None:
+                         files: dict[str, Path], info: dict[str, Any], added: dict[str, list[pa.Field]]) -> None:
         """`_commit`, again after a pause when another writer's commit conflicted with it (DuckLake's own
         retries exhausted, or a table both created at once): bounded, with exponential backoff and jitter."""
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                return self._commit(con, tables, files, info)
+                return self._commit(con, tables, files, info, added)
             except duckdb.TransactionException as exc:
                 if not _is_conflict(exc) or attempt == COMMIT_ATTEMPTS - 1:
                     raise CatalogError(f"publish to {self.location} failed after {attempt + 1} commit attempt(s) "
@@ -447,11 +447,22 @@ class Catalog:
             con.execute(f"DETACH {LAKE}")
             return True
 
-    def _matched(self, con: duckdb.DuckDBPyConnection, dataset: str, table: pa.Table) -> pa.Table:
-        """`table` in the dataset's column order, checked by name and type against its existing columns."""
-        if not self._exists(con, dataset):
-            return table
-        return match_columns(dataset, table, con.execute(f'SELECT * FROM "{dataset}" LIMIT 0').arrow().schema)
+    def _fitted(self, con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table], declared: set[str]
+                ) -> tuple[dict[str, pa.Table], dict[str, list[pa.Field]]]:
+        """Each table in its dataset's column order, checked by name and type against the existing columns.
+        A table conformed to a declared schema (`declared`) may evolve its dataset: it adds the columns a
+        newer schema version brings and leaves null the ones it retired. The columns to add, by dataset."""
+        fitted, added = {}, {}
+        for name, table in tables.items():
+            existing = con.execute(f'SELECT * FROM "{name}" LIMIT 0').arrow().schema if self._exists(con, name) \
+                else None
+            if existing is None:
+                fitted[name] = table
+            elif name in declared:
+                fitted[name], added[name] = evolve_columns(name, table, existing)
+            else:
+                fitted[name] = match_columns(name, table, existing)
+        return fitted, added
 
     def _new_data_file(self, dataset: str) -> Path:
         """A fresh file name in the dataset's data folder; what is written there stays invisible until
@@ -461,14 +472,18 @@ class Catalog:
         return path
 
     def _commit(self, con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table], files: dict[str, Path],
-                info: dict[str, Any]) -> None:
-        """One transaction, so one snapshot: create missing tables, register the files, add the lineage."""
+                info: dict[str, Any], added: dict[str, list[pa.Field]]) -> None:
+        """One transaction, so one snapshot: create missing tables and columns, register the files, add the
+        lineage."""
         con.execute("BEGIN")
         try:
             con.execute(f"CREATE TABLE IF NOT EXISTS {LINEAGE_TABLE} "
                         "(dataset VARCHAR, rows_added BIGINT, created_at VARCHAR, lineage VARCHAR)")
             for name, table in tables.items():
                 con.execute(f'CREATE TABLE IF NOT EXISTS "{name}" ({column_definitions(table.schema)})')
+            for name, fields in added.items():
+                for column in (column_definitions(pa.schema([field])) for field in fields):
+                    con.execute(f'ALTER TABLE "{name}" ADD COLUMN IF NOT EXISTS {column}')
             for name, path in files.items():
                 con.execute("CALL ducklake_add_data_files(?, ?, ?)", [LAKE, name, str(path)])
             con.executemany(f"INSERT INTO {LINEAGE_TABLE} VALUES (?, ?, ?, ?)", _lineage_rows(info))

@@ -28,6 +28,17 @@ def column_definitions(schema: pa.Schema) -> str:
     return ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in schema)
 
 
+def evolve_columns(dataset: str, table: pa.Table, existing: pa.Schema) -> tuple[pa.Table, list[pa.Field]]:
+    """`table` (conformed to a newer version of the dataset's schema) fitted to the dataset as it will be:
+    the columns it brings are added to the dataset (returned, for `ALTER TABLE … ADD COLUMN`), and the
+    dataset's columns it no longer has are null. Types must still match."""
+    added = [field for field in table.schema if field.name not in existing.names]
+    for field in existing:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(len(table), field.type))
+    return match_columns(dataset, table, pa.schema(list(existing) + added)), added
+
+
 def match_columns(dataset: str, table: pa.Table, existing: pa.Schema) -> pa.Table:
     """`table`'s columns in the dataset's order, or a `CatalogError` naming every column that is missing,
     unexpected, or of another type. Columns are matched by name, never by position."""

@@ -176,3 +176,41 @@ def test_the_ivf_index_finds_planted_near_duplicates_like_exact_search():
     assert found.mean() >= 0.95 and (sims[found, 0] > 0.8).all()
     assert vectors_of(pa.chunked_array([pa.array(base[:3].tolist(), pa.list_(pa.float32()))])).tolist() == \
         base[:3].tolist()
+
+
+LEGACY_EMBEDDINGS = pa.schema([("pair_id", pa.string()), ("prompt_id", pa.string()), ("dedup_key", pa.string()),
+                               ("embedder", pa.string()), ("vector", pa.list_(pa.float32())), ("run_id", pa.string())])
+
+
+def test_a_catalog_from_before_pair_vectors_takes_new_pairs_and_dedups_against_its_old_ones(embedder, tmp_path):
+    """A catalog whose `pairs_embeddings` has one vector of prompt + reply per pair (schema version 2):
+    the next run's dedup computes its old pairs' vectors from their published text, and its publish adds
+    the new columns to the dataset (old rows keep theirs, null in the new ones)."""
+    from flows.pipeline import dedup_pairs
+    from schemas.config import load_pipeline_config
+    from storage.catalog import Catalog
+
+    old = table(originals(3))
+    texts = [f"{r['prompt'][0]['content']}\n{r['chosen'][0]['content']}" for r in old.to_pylist()]
+    legacy = pa.table({"pair_id": old["pair_id"], "prompt_id": old["prompt_id"],
+                       "dedup_key": [dedup_key(r) for r in old.to_pylist()], "embedder": [embedder.name] * 3,
+                       "vector": pa.array(embedder.embed(texts).tolist(), pa.list_(pa.float32())),
+                       "run_id": ["old"] * 3}, schema=LEGACY_EMBEDDINGS)
+    catalog = Catalog(tmp_path / "catalog")
+    catalog.publish_many({"pairs": old, "pairs_embeddings": legacy}, {"run_id": "old"},
+                         {"pairs": PAIRS, "pairs_embeddings": LEGACY_EMBEDDINGS})
+    cfg = load_pipeline_config(None, [f'catalog="{tmp_path / "catalog"}"'])
+    new = table([pair(SEEDS[1]["question"], one_word_edit(answer(SEEDS[1])), "edit-1", 5.0, "edit-1"),
+                 pair(SEEDS[9]["question"], answer(SEEDS[9]), "ctx-9", 1.0, "new-9")])
+    deduped = dedup_pairs.fn(cfg, catalog, new, "r2")
+    [removed] = deduped.removed.to_pylist()
+    assert (removed["removed_pair_id"], removed["duplicate_of"]) == ("edit-1", "orig-01")
+    assert deduped.pairs.column("pair_id").to_pylist() == ["new-9"]
+    catalog.publish_many({"pairs": deduped.pairs, "pairs_embeddings": deduped.embeddings,
+                          "dedup_removed": deduped.removed}, {"run_id": "r2"},
+                         {"pairs": PAIRS, "pairs_embeddings": PAIR_EMBEDDINGS, "dedup_removed": DEDUP_REMOVED})
+    stored = {r["pair_id"]: r for r in catalog.read("pairs_embeddings").to_pylist()}
+    assert stored["orig-00"]["vector"] is not None and stored["orig-00"]["prompt_vector"] is None
+    assert stored["new-9"]["vector"] is None and len(stored["new-9"]["reply_vector"]) == 384
+    again = dedup_pairs.fn(cfg, catalog, table([pair(SEEDS[9]["question"], answer(SEEDS[9]), "x", 1.0, "x")]), "r3")
+    assert again.removed.column("duplicate_of").to_pylist() == ["new-9"]

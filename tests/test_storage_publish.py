@@ -273,10 +273,10 @@ def test_every_data_file_is_flushed_to_disk_before_the_commit_that_references_it
         flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
-    def commit(self, con, tables, files, info):
+    def commit(self, con, tables, files, *rest):
         assert {str(p) for p in files.values()} <= set(flushed), "a file was committed before it was flushed"
         assert {str(p.parent) for p in files.values()} <= set(flushed), "its folder entry was not flushed"
-        return real_commit(self, con, tables, files, info)
+        return real_commit(self, con, tables, files, *rest)
 
     monkeypatch.setattr(module.os, "fsync", fsync)
     monkeypatch.setattr(module.Catalog, "_commit", commit)
