@@ -11,9 +11,12 @@ shutdown runs. The points:
 - `publish`: inside the catalog's publish transaction, at its COMMIT: the Parquet files are written and
   registered, the lineage rows inserted, and nothing committed.
 
-After each kill, `prefmill sql` and `Catalog.datasets()` show no pairs version; the re-run finishes, its
-finished LLM shards come from the result cache (counted in engine requests in the run summary), and the
-published pairs equal an uninterrupted run's (same config, another catalog) by content hash.
+After each kill, every process the killed run had started (its engine's core and worker, multiprocessing's
+resource tracker, the temporary Prefect API, the watchdogs) ends within 20 s (issue 18 C.1; at `selfchat`
+and `scoring` the engine is live). `prefmill sql` and `Catalog.datasets()` show no pairs version; the re-run
+finishes, its finished LLM shards come from the result cache (counted in engine requests in the run
+summary), and the published pairs equal an uninterrupted run's (same config, another catalog) by content
+hash.
 
 The uninterrupted run (`reference`) runs once per module. The `dedup` and `publish` points are past every
 LLM stage, so their runs start from a copy of the reference's result cache: the killed run loads no model
@@ -34,12 +37,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
+import psutil
 import pytest
 
 from storage.catalog import Catalog
 from tests.flow_helpers import write_config
+from tests.test_orphans import all_end
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -52,12 +59,17 @@ AFTER_LLM = {"dedup", "publish"}
 # shards a re-run must find finished, by kill point (default: all of the stage's shards)
 MIN_CACHED = {"selfchat": {"rollout": 1, "rewards": 0}, "scoring": {"rollout": 1, "rewards": 1}, "dedup": {},
               "publish": {}}
+# the file where a killed run notes the processes it started (in its environment)
+CHILDREN_ENV = "PREFMILL_TEST_CHILDREN"
 STAGE_ROW = re.compile(r"^\W*(rollout|rewards)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*[\d.–]+\s*│\s*[\d.–]+\s*│\s*(\d+)\s*│",
                        re.MULTILINE)
 
 
 def die() -> None:
-    """kill -9 of this process: nothing is cleaned up."""
+    """kill -9 of this process: nothing is cleaned up. Notes its descendants first (in the file that
+    `CHILDREN_ENV` names), so the test can check that none outlives it."""
+    noted = [[p.pid, p.create_time(), p.name()] for p in psutil.Process().children(recursive=True)]
+    Path(os.environ[CHILDREN_ENV]).write_text(json.dumps(noted))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -128,14 +140,17 @@ def env(tmp_path_factory) -> dict[str, str]:
             "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
 
 
-def run(env: dict[str, str], args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """A process in its own session; whatever it leaves behind is SIGKILLed with its group once it exited (a
-    killed run leaves its temporary Prefect API server running, which would also hold a stdout pipe open)."""
+def run(env: dict[str, str], args: list[str], timeout: float = 600,
+        after_exit: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """A process in its own session; whatever it leaves behind is SIGKILLed with its group once it exited and
+    `after_exit` (which may check what is left) returned: a leftover could hold a stdout pipe open."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
             proc.wait(timeout)
+            if after_exit is not None:
+                after_exit()
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -188,7 +203,9 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_pairs(point, env, r
     ref_stages, ref_pairs, ref_results = reference
     if point in AFTER_LLM:  # every LLM shard already finished: straight to dedup / publish, no model loads
         shutil.copytree(ref_results, tmp_path / "results")
-    killed = run(env, [sys.executable, "-c", DRIVER, point, "run", str(config)])
+    noted = tmp_path / "children.json"
+    killed = run({**env, CHILDREN_ENV: str(noted)}, [sys.executable, "-c", DRIVER, point, "run", str(config)],
+                 after_exit=lambda: assert_all_end(noted, engine_live=point not in AFTER_LLM))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-4000:]
     assert_no_pairs_visible(env, catalog)
     if point == "publish":  # the files were written, never committed: orphans the next publish deletes
@@ -198,6 +215,16 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_pairs(point, env, r
     assert pair_hashes(catalog) == ref_pairs
     assert Catalog(catalog).cleanup() == []  # no orphan left
     assert_llm_work_not_redone(point, stages, ref_stages)
+
+
+def assert_all_end(noted: Path, engine_live: bool) -> None:
+    """Every process the killed run noted (see `die`) ends within `test_orphans.GONE_S` of its death; with
+    `engine_live`, they include vLLM's engine processes."""
+    started = time.monotonic()
+    rows = json.loads(noted.read_text())
+    assert not engine_live or any(name.startswith("VLLM::") for _, _, name in rows), rows
+    print(f"the {len(rows)} processes of the run killed with its engine {'live' if engine_live else 'unloaded'} "
+          f"ended {all_end(rows) - started:.1f} s after it")
 
 
 def assert_llm_work_not_redone(point: str, stages: dict, ref: dict) -> None:
