@@ -1,11 +1,11 @@
 """Deduplicating preference pairs, exact then semantic, incrementally against every published pair.
 
 What a duplicate is (`on`): with `"pair"` (the default), two pairs are duplicates when their prompts are
-similar *and* their chosen replies are similar; with `"prompt"`, when their prompts are similar, whatever
-they answer. The prompt and the reply are embedded separately, each within the encoder's window: embedded
-as one text, a long user turn pushed the reply out of the window (pairs with the same long prompt and
-different replies came out at cosine 1.0), and a shared question made pairs with contradicting answers
-look alike.
+similar (cosine ≥ `threshold`) *and* their chosen replies are (≥ `reply_threshold`: an edited or reordered
+reply sits lower than a reworded prompt); with `"prompt"`, when their prompts are, whatever they answer.
+The prompt and the reply are embedded separately, each within the encoder's window: embedded as one text,
+a long user turn pushed the reply out of the window (pairs with the same long prompt and different replies
+came out at cosine 1.0), and a shared question made pairs with contradicting answers look alike.
 
 1. Exact: a hash of the normalised prompt + chosen text (`dedup_key`), before any embedding: a new pair
    whose key is already published, or belongs to an earlier new pair of another prompt, is removed.
@@ -118,12 +118,13 @@ class Deduper:
     """
 
     threshold: float = _DEFAULTS.threshold
+    reply_threshold: float = _DEFAULTS.reply_threshold
     neighbors: int = _DEFAULTS.neighbors
     on: DedupOn = _DEFAULTS.on
 
     def __post_init__(self):
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"dedup threshold must be in (0, 1], got {self.threshold}")
+        if not (0.0 < self.threshold <= 1.0 and 0.0 < self.reply_threshold <= 1.0):
+            raise ValueError(f"dedup thresholds must be in (0, 1], got {self.threshold}, {self.reply_threshold}")
         if self.on not in DEDUP_ON:
             raise ValueError(f"dedup.on must be one of {list(DEDUP_ON)}, got {self.on!r}")
 
@@ -137,7 +138,8 @@ class Deduper:
         vectors = embed_pairs([rows[i] for i in todo], embedder) if todo else PairVectors.empty(old.dim)
         kept = self._semantic(rows, todo, vectors, old, index_factory, removed)
         for row in removed:
-            row.update(threshold=self.threshold, embedder=embedder.name, run_id=run_id, dedup_on=self.on)
+            row.update(threshold=self.threshold, reply_threshold=self.reply_threshold, embedder=embedder.name,
+                       run_id=run_id, dedup_on=self.on)
         position = {i: k for k, i in enumerate(todo)}
         return DedupResult(
             pa.Table.from_pylist([rows[i] for i in kept], schema=PAIRS),
@@ -198,11 +200,12 @@ class Deduper:
               hits: list[tuple[int, float]], old: Published) -> tuple[str, int | None, float, float, float, str] | None:
         """(duplicate_of, its version, similarity, prompt and reply similarity, rule) of the closest hit that is
         a duplicate. A hit is (ref, key similarity); ref is a new row's position in `todo`, or −1 − the
-        published row's index. Both parts at or above the threshold put the key there too, so only those hits
-        are checked part by part; a new row of the same prompt is no duplicate."""
+        published row's index. Both parts at or above their thresholds put the key above `_key_threshold`, so
+        only those hits are checked part by part; a new row of the same prompt is no duplicate."""
         best: tuple[int, float, float] | None = None
+        prompt_id = rows[todo[at]]["prompt_id"]
         for ref, key_sim in hits:
-            if key_sim < self.threshold or (ref >= 0 and rows[todo[ref]]["prompt_id"] == rows[todo[at]]["prompt_id"]):
+            if key_sim < self._key_threshold() or (ref >= 0 and rows[todo[ref]]["prompt_id"] == prompt_id):
                 continue
             theirs, j = (old.vectors, -ref - 1) if ref < 0 else (vectors, ref)
             sims = float(vectors.prompt[at] @ theirs.prompt[j]), float(vectors.reply[at] @ theirs.reply[j])
@@ -214,11 +217,15 @@ class Deduper:
         found = (old.pair_ids[-ref - 1], old.versions[-ref - 1]) if ref < 0 else (rows[todo[ref]]["pair_id"], None)
         return *found, self._similarity(prompt_sim, reply_sim), prompt_sim, reply_sim, "semantic"
 
+    def _key_threshold(self) -> float:
+        """The index key's similarity a duplicate reaches at least (the key's cosine is the parts' mean)."""
+        return self.threshold if self.on == "prompt" else (self.threshold + self.reply_threshold) / 2
+
     def _duplicate(self, prompt_sim: float, reply_sim: float) -> bool:
-        return prompt_sim >= self.threshold and (self.on == "prompt" or reply_sim >= self.threshold)
+        return prompt_sim >= self.threshold and (self.on == "prompt" or reply_sim >= self.reply_threshold)
 
     def _similarity(self, prompt_sim: float, reply_sim: float) -> float:
-        """The similarity a removal reports: the one that had to reach the threshold last."""
+        """The similarity a removal reports: the prompt's (`on = "prompt"`), else the lower of the two."""
         return prompt_sim if self.on == "prompt" else min(prompt_sim, reply_sim)
 
 

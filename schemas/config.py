@@ -164,7 +164,12 @@ DedupOn = Literal["pair", "prompt"]
 
 
 class DedupSection(_Section):
-    threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="cosine similarity that counts as a duplicate")
+    threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="cosine similarity of two prompts that "
+                                                                      "counts as a duplicate")
+    reply_threshold: float = Field(default=0.85, gt=0.0, le=1.0,
+                                   description="cosine similarity of two chosen replies that counts as a "
+                                               "duplicate (with dedup.on = pair); an edited or reordered reply "
+                                               "sits lower than a reworded prompt")
     neighbors: int = Field(default=16, ge=1)
     on: DedupOn = Field(default="pair", description="pair: a duplicate has a similar prompt and a similar chosen "
                                                     "reply; prompt: a similar prompt alone, whatever it answers")

@@ -193,6 +193,7 @@ DEDUP_REMOVED = _schema(
         ("rule", pa.string()),
         ("dedup_on", pa.string()),
         ("threshold", pa.float64()),
+        ("reply_threshold", pa.float64()),
         ("embedder", pa.string()),
         ("run_id", pa.string()),
     ],

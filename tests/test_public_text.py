@@ -51,11 +51,13 @@ def test_pairs_of_one_question_with_contradicting_answers_are_not_duplicates(emb
     true, false = contradicting_pairs()
     merged_before = int((one_text_cosines(embedder, true, false) >= 0.9).sum())
     assert merged_before >= 0.4 * len(SAMPLE)  # the defect, on this data: the question dominated the vector
-    result = Deduper(threshold=0.9)(pa.Table.from_pylist(true + false, schema=PAIRS), embedder, make_index)
-    removed = result.removed.to_pylist()
-    assert len(removed) <= 0.25 * len(SAMPLE) and len(removed) < merged_before / 2
+    table = pa.Table.from_pylist(true + false, schema=PAIRS)
+    strict = Deduper(threshold=0.9, reply_threshold=0.9)(table, embedder, make_index).removed.to_pylist()
+    assert len(strict) <= 0.25 * len(SAMPLE) and len(strict) < merged_before / 2
     assert all(r["prompt_similarity"] >= 0.9 and r["reply_similarity"] >= 0.9 and r["dedup_on"] == "pair"
-               for r in removed)
+               for r in strict)
+    default = Deduper()(table, embedder, make_index).removed.to_pylist()  # replies at 0.85
+    assert len(default) <= 0.35 * len(SAMPLE) and len(default) < 0.7 * merged_before
 
 
 def test_prompt_level_dedup_is_an_explicit_choice_that_removes_every_second_answer(embedder):
