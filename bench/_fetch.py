@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from schemas.config import prefmill_home
+from prefmill.schemas.config import prefmill_home
 
 
 def fetch_dist(requirement: str, filename: str) -> Path:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.candidates import CandidateSampler  # noqa: E402
-from operators.critiques import ClaimCritic  # noqa: E402
-from operators.retrieval import DocumentIndex  # noqa: E402
-from operators.seeds import load_seeds  # noqa: E402
-from serving.engine import VLLMEngine  # noqa: E402
+from prefmill.operators.candidates import CandidateSampler  # noqa: E402
+from prefmill.operators.critiques import ClaimCritic  # noqa: E402
+from prefmill.operators.retrieval import DocumentIndex  # noqa: E402
+from prefmill.operators.seeds import load_seeds  # noqa: E402
+from prefmill.serving.engine import VLLMEngine  # noqa: E402
 
 NUM_SEEDS = 16
 

@@ -27,12 +27,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
-
-from operators.dedup import Deduper, prompt_text, reply_text
-from operators.seeds import BUILTIN_SEEDS
-from schemas.tables import PAIRS
-from serving.ann import FaissIndex, make_index
-from serving.embedder import SentenceTransformerEmbedder
+from prefmill.operators.dedup import Deduper, prompt_text, reply_text
+from prefmill.operators.seeds import BUILTIN_SEEDS
+from prefmill.schemas.tables import PAIRS
+from prefmill.serving.ann import FaissIndex, make_index
+from prefmill.serving.embedder import SentenceTransformerEmbedder
 
 SYNONYMS = {"value": "number", "function": "routine", "object": "instance", "method": "procedure",
             "returns": "gives back", "called": "invoked", "the": "this", "used": "employed", "must": "has to",

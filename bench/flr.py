@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.candidates import CandidateSampler  # noqa: E402
-from operators.flr import FollowUpReward, load_followups, reply_prefix  # noqa: E402
-from operators.seeds import load_seeds  # noqa: E402
-from serving.engine import VLLMEngine  # noqa: E402
-from serving.prefix_scorer import NaiveScorer, SharedPrefixScorer  # noqa: E402
-from serving.render import hf_render, hf_tokenize, scoring_prompts  # noqa: E402
+from prefmill.operators.candidates import CandidateSampler  # noqa: E402
+from prefmill.operators.flr import FollowUpReward, load_followups, reply_prefix  # noqa: E402
+from prefmill.operators.seeds import load_seeds  # noqa: E402
+from prefmill.serving.engine import VLLMEngine  # noqa: E402
+from prefmill.serving.prefix_scorer import NaiveScorer, SharedPrefixScorer  # noqa: E402
+from prefmill.serving.render import hf_render, hf_tokenize, scoring_prompts  # noqa: E402
 
 
 def timed(fn):

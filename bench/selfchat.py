@@ -13,11 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.candidates import CandidateSampler, contexts  # noqa: E402
-from operators.rollout import Rollout  # noqa: E402
-from operators.seeds import load_seeds  # noqa: E402
-from operators.selfchat import SelfChat  # noqa: E402
-from serving.engine import VLLMEngine  # noqa: E402
+from prefmill.operators.candidates import CandidateSampler, contexts  # noqa: E402
+from prefmill.operators.rollout import Rollout  # noqa: E402
+from prefmill.operators.seeds import load_seeds  # noqa: E402
+from prefmill.operators.selfchat import SelfChat  # noqa: E402
+from prefmill.serving.engine import VLLMEngine  # noqa: E402
 
 
 class CountingLM:

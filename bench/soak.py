@@ -53,8 +53,8 @@ def slope(values: list[float]) -> float | None:
 
 def one_run(overrides: list[str], index: int, workdir: Path) -> dict:
     """One scheduled-style run: fresh run key and sampling seeds, the shared catalog and result storage."""
-    from flows.pipeline import pipeline
-    from schemas.config import load_pipeline_config
+    from prefmill.flows.pipeline import pipeline
+    from prefmill.schemas.config import load_pipeline_config
 
     cfg = load_pipeline_config(None, [*TINY, f'catalog="{workdir / "catalog"}"',
                                       f'result_storage="{workdir / "results"}"', f"selfchat.seed={index}",
@@ -74,7 +74,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="pm-soak-"))
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.runner import configure_environment
+    from prefmill.flows.runner import configure_environment
 
     configure_environment(verbose=False)
     rows = []

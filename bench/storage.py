@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.tables import MESSAGE, PAIR_EMBEDDINGS, PAIRS  # noqa: E402
-from storage.catalog import Catalog  # noqa: E402
+from prefmill.schemas.tables import MESSAGE, PAIR_EMBEDDINGS, PAIRS  # noqa: E402
+from prefmill.storage.catalog import Catalog  # noqa: E402
 
 PAIRS_ROWS = 1_000_000
 EMBEDDING_ROWS, DIM = 200_000, 384

@@ -17,9 +17,8 @@ import pyarrow.compute as pc
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from flows.training import DATA_DIR
-from storage.catalog import Catalog, CatalogError, Version
+from prefmill.flows.training import DATA_DIR
+from prefmill.storage.catalog import Catalog, CatalogError, Version
 
 
 @dataclass(frozen=True)

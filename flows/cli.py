@@ -10,11 +10,10 @@ from typing import Optional
 
 import pyarrow as pa
 import typer
+from prefmill.schemas.config import DEFAULT_MODEL
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from schemas.config import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic preference data for LLM post-training.")
 console = Console()
@@ -58,10 +57,10 @@ def demo(
 
 def _run(config: Path | None, overrides: list[str], catalog: Path | None, ray_address: str | None,
          verbose: bool) -> None:
-    from flows.runner import PrefectApiLost, PrefectApiUnreachable, run_command
-    from operators.flr import FollowUpFileError
-    from operators.seeds import SeedFileError
-    from schemas.config import ConfigError
+    from prefmill.flows.runner import PrefectApiLost, PrefectApiUnreachable, run_command
+    from prefmill.operators.flr import FollowUpFileError
+    from prefmill.operators.seeds import SeedFileError
+    from prefmill.schemas.config import ConfigError
 
     extra = [f"catalog={json.dumps(str(catalog))}"] if catalog else []
     extra += [f"ray.address={json.dumps(ray_address)}", "backend=ray"] if ray_address else []
@@ -83,15 +82,15 @@ def deploy(
                                                             "--pool P`); default: serve from this process"),
 ) -> None:
     """Schedule the pipeline as deployment NAME: served from this process, or in a work pool with --pool."""
-    from flows.runner import configure_environment
-    from schemas.config import ConfigError, load_pipeline_config
+    from prefmill.flows.runner import configure_environment
+    from prefmill.schemas.config import ConfigError, load_pipeline_config
 
     try:
         cfg = load_pipeline_config(config, set_)
     except ConfigError as exc:
         _fail(str(exc))
     configure_environment(verbose=False)
-    from flows import deploy as deployments_
+    from prefmill.flows import deploy as deployments_
 
     if pool:
         deployment_id = deployments_.deploy_to_pool(name, cron, cfg, pool)
@@ -104,7 +103,7 @@ def deploy(
 @app.command()
 def deployments() -> None:
     """List the pipeline's deployments with their schedules, work pool and last runs."""
-    from flows.deploy import list_deployments
+    from prefmill.flows.deploy import list_deployments
 
     table = Table("deployment", "schedule", "work pool", "status", "last runs")
     for d in list_deployments():
@@ -115,7 +114,7 @@ def deployments() -> None:
 @app.command()
 def models() -> None:
     """List the known model specs and where the embedded default is materialized."""
-    from serving.models import known_models
+    from prefmill.serving.models import known_models
 
     table = Table("spec", "kind", "location", "ready")
     for info in known_models():
@@ -138,9 +137,9 @@ def chat(
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address (backend ray)"),
 ) -> None:
     """Answer QUESTION with the real model (a smoke test of the serving stack)."""
-    from serving.factory import open_model
-    from serving.models import ModelSpecError
-    from serving.protocols import Sampling
+    from prefmill.serving.factory import open_model
+    from prefmill.serving.models import ModelSpecError
+    from prefmill.serving.protocols import Sampling
 
     try:
         lm = open_model(model, backend=backend, url=url, address=address)
@@ -165,8 +164,8 @@ def serve(
     """Serve MODEL over an OpenAI-compatible HTTP API (vLLM's server, device-aware settings)."""
     import os
 
-    from schemas.config import EngineConfig
-    from serving.server import server_command
+    from prefmill.schemas.config import EngineConfig
+    from prefmill.serving.server import server_command
 
     cmd = server_command(EngineConfig(model=model), host=host, port=port)
     console.print(" ".join(cmd))
@@ -176,7 +175,7 @@ def serve(
 @app.command()
 def datasets(catalog: Optional[Path] = CatalogOption) -> None:
     """List datasets with their latest version, row count and creation time."""
-    from storage.catalog import Catalog, CatalogError
+    from prefmill.storage.catalog import Catalog, CatalogError
 
     table = Table("dataset", "versions", "latest", "rows", "created_at")
     try:
@@ -209,7 +208,7 @@ def sql(
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
     """Run one read-only SELECT over all datasets (`AT (VERSION => n)` for time travel). Ctrl-C stops it."""
-    from storage.catalog import Catalog, CatalogError, SqlLimits
+    from prefmill.storage.catalog import Catalog, CatalogError, SqlLimits
 
     if format not in FORMATS:
         _fail(f"unknown format {format!r}: use table, csv, json or parquet")
@@ -243,8 +242,8 @@ def export(
 ) -> None:
     """Export one dataset version as Parquet or JSON Lines, or as TRL train/test splits in folder OUTPUT
     (all loadable with `datasets.load_dataset`). Never writes inside the catalog."""
-    from flows.training import export_trl
-    from storage.catalog import Catalog, CatalogError
+    from prefmill.flows.training import export_trl
+    from prefmill.storage.catalog import Catalog, CatalogError
 
     if format not in ("parquet", "jsonl", "trl"):
         _fail(f"unknown export format {format!r}: use parquet, jsonl or trl")
@@ -271,8 +270,8 @@ def show(
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
     """Show pairs side by side with their scores, and the critique behind each revised reply."""
-    from flows.show import show_pairs
-    from storage.catalog import Catalog, CatalogError
+    from prefmill.flows.show import show_pairs
+    from prefmill.storage.catalog import Catalog, CatalogError
 
     try:
         show_pairs(Catalog(catalog), dataset, version, where, limit, console)
@@ -290,8 +289,8 @@ def card(
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
     """Write a dataset card (README.md with the Hub's YAML header) with score pictures, lineage and config."""
-    from flows.card import write_card
-    from storage.catalog import Catalog, CatalogError
+    from prefmill.flows.card import write_card
+    from prefmill.storage.catalog import Catalog, CatalogError
 
     try:
         path = write_card(Catalog(catalog), dataset, output or Path(f"{dataset}_card"), version)
@@ -302,7 +301,7 @@ def card(
 
 def _emit(result: pa.Table, fmt: str, target: Path | None) -> None:
     """Print `result`, or write it to `target` through a temporary file that replaces it only when complete."""
-    from storage.outputs import replacing
+    from prefmill.storage.outputs import replacing
 
     if target is None:
         return _write(result, fmt, None)

@@ -17,9 +17,8 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
-
-from flows.pipeline import pipeline
-from schemas.config import PipelineConfig
+from prefmill.flows.pipeline import pipeline
+from prefmill.schemas.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/pipeline.py:pipeline"

@@ -25,19 +25,18 @@ import pyarrow as pa
 from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed, wait
-
-from flows.report import create_artifacts, dataset_card
-from flows.results import RunResult, StageStats
-from flows.stages import Stage, build_stages
-from operators.dedup import Deduper, DedupResult, has_pair_vectors, with_pair_vectors
-from operators.ids import stable_id
-from operators.pairs import MinedPairs, PairMiner
-from operators.seeds import BUILTIN_SEEDS, load_seeds
-from schemas.config import PipelineConfig, PoolConfig, settings, validate_pipeline_config
-from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, SCHEMAS
-from serving.hosts import LocalPool, ModelHost, StepRun
-from storage.catalog import Catalog
-from storage.shards import ShardStore, StoredShard
+from prefmill.flows.report import create_artifacts, dataset_card
+from prefmill.flows.results import RunResult, StageStats
+from prefmill.flows.stages import Stage, build_stages
+from prefmill.operators.dedup import Deduper, DedupResult, has_pair_vectors, with_pair_vectors
+from prefmill.operators.ids import stable_id
+from prefmill.operators.pairs import MinedPairs, PairMiner
+from prefmill.operators.seeds import BUILTIN_SEEDS, load_seeds
+from prefmill.schemas.config import PipelineConfig, PoolConfig, settings, validate_pipeline_config
+from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, SCHEMAS
+from prefmill.serving.hosts import LocalPool, ModelHost, StepRun
+from prefmill.storage.catalog import Catalog
+from prefmill.storage.shards import ShardStore, StoredShard
 
 FLOW_NAME = "prefmill-pipeline"
 Reporter = Callable[[str, int, int], None]  # (stage, shards done, shards total)
@@ -282,8 +281,8 @@ def mine_pairs(cfg: PipelineConfig, tables: dict[str, pa.Table], run: str) -> Mi
 @task(cache_policy=NO_CACHE, persist_result=False)
 def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str) -> DedupResult:
     """Drop pairs that repeat each other or a pair already published in the target dataset."""
-    from serving.ann import make_index
-    from serving.embedder import SentenceTransformerEmbedder
+    from prefmill.serving.ann import make_index
+    from prefmill.serving.embedder import SentenceTransformerEmbedder
 
     if not pairs.num_rows:  # nothing to embed: no need to load the embedder
         return DedupResult(pairs, PAIR_EMBEDDINGS.empty_table(), DEDUP_REMOVED.empty_table(), 0)
@@ -319,7 +318,7 @@ def open_pool(cfg: PipelineConfig) -> Any:
     """The backend's pool: in-process models (`engine`, `http`) or Ray actors holding them (`ray`)."""
     engine = cfg.engine.model_copy(update={"model": cfg.models.assistant})
     if cfg.backend == "ray":
-        from serving.ray_pool import RayEnginePool
+        from prefmill.serving.ray_pool import RayEnginePool
 
         r = cfg.ray
         return RayEnginePool(PoolConfig(engine=engine, num_actors=r.actors, cpus_per_actor=r.cpus_per_actor,

@@ -11,12 +11,11 @@ from collections import Counter
 from statistics import fmean
 
 import pyarrow as pa
+from prefmill.flows.results import RunResult
+from prefmill.operators.gates import REVISION_SELF_TALK
+from prefmill.schemas.config import PipelineConfig
 from rich.console import Console
 from rich.table import Table
-
-from flows.results import RunResult
-from operators.gates import REVISION_SELF_TALK
-from schemas.config import PipelineConfig
 
 HISTOGRAM_BINS = 8
 

@@ -18,10 +18,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from prefmill.schemas.config import PipelineConfig, load_pipeline_config
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from schemas.config import PipelineConfig, load_pipeline_config
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -76,8 +75,8 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     cfg = load_pipeline_config(config_path, overrides)
     seeds = check_input_files(cfg)
     configure_environment(verbose)
-    from flows.pipeline import pipeline_flow
-    from flows.report import print_summary
+    from prefmill.flows.pipeline import pipeline_flow
+    from prefmill.flows.report import print_summary
 
     check_prefect_api()
     start_temporary_api()
@@ -169,8 +168,8 @@ def lost_api_message(cfg: PipelineConfig, seeds: pa.Table, url: str, error: Exce
     """What happened and what to do: the flow ends by reporting to the API, so a run that lost it may have
     published already (then a re-run finds the run published) or not (then it resumes from the cache).
     `seeds`: the seed file's rows as `check_input_files` read them."""
-    from flows.pipeline import find_published, run_id, run_seeds
-    from storage.catalog import Catalog
+    from prefmill.flows.pipeline import find_published, run_id, run_seeds
+    from prefmill.storage.catalog import Catalog
 
     what = f"the Prefect API at {url} stopped answering ({type(error).__name__}: {error})"
     try:
@@ -265,8 +264,8 @@ def ensure_prefect_home() -> None:
 def check_input_files(cfg: PipelineConfig) -> pa.Table:
     """Read the seed and follow-up files before Prefect or an engine starts, so a bad one fails in a second
     with its `SeedFileError` / `FollowUpFileError` instead of after the flow is up. Returns the seeds."""
-    from operators.flr import DEFAULT_FOLLOWUPS, load_followups
-    from operators.seeds import BUILTIN_SEEDS, load_seeds
+    from prefmill.operators.flr import DEFAULT_FOLLOWUPS, load_followups
+    from prefmill.operators.seeds import BUILTIN_SEEDS, load_seeds
 
     seeds = load_seeds(Path(cfg.seeds.path) if cfg.seeds.path else BUILTIN_SEEDS).seeds
     load_followups(cfg.flr.followups or DEFAULT_FOLLOWUPS)

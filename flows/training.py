@@ -17,8 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from storage.catalog import Catalog, CatalogError
+from prefmill.storage.catalog import Catalog, CatalogError
 
 TRL_COLUMNS = ["prompt", "chosen", "rejected"]
 EXTRA_COLUMNS = ["pair_id", "prompt_id", "seed_id", "score_chosen", "score_rejected", "margin", "chosen_win_prob",

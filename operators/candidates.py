@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-
-from operators.ids import stable_id
-from schemas.config import CandidatesSection
-from schemas.tables import CANDIDATES
-from serving.protocols import PROMPT_TOO_LONG, Completion, LanguageModel, Sampling
+from prefmill.operators.ids import stable_id
+from prefmill.schemas.config import CandidatesSection
+from prefmill.schemas.tables import CANDIDATES
+from prefmill.serving.protocols import PROMPT_TOO_LONG, Completion, LanguageModel, Sampling
 
 
 def contexts(conversations: pa.Table, which: str = "all") -> list[dict]:

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
-
-from operators.gates import revision_text
-from operators.retrieval import DocumentIndex, tokens
-from schemas.config import CritiquesSection
-from schemas.tables import CRITIQUES
-from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Sampling
+from prefmill.operators.gates import revision_text
+from prefmill.operators.retrieval import DocumentIndex, tokens
+from prefmill.schemas.config import CritiquesSection
+from prefmill.schemas.tables import CRITIQUES
+from prefmill.serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Sampling
 
 VERDICTS = ("supported", "contradicted", "unverifiable")
 # String lengths are bounded in the schemas: a small model at temperature 0 can loop inside a string until

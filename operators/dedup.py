@@ -31,10 +31,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
-
-from schemas.config import DedupOn, DedupSection
-from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
-from serving.protocols import Embedder
+from prefmill.schemas.config import DedupOn, DedupSection
+from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
+from prefmill.serving.protocols import Embedder
 
 BLOCK = 1024
 DEDUP_ON: tuple[str, ...] = DedupOn.__args__

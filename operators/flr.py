@@ -18,10 +18,9 @@ from statistics import fmean
 from typing import Sequence
 
 import pyarrow as pa
-
-from schemas.config import FLRSection
-from schemas.tables import REWARDS
-from serving.protocols import PROMPT_TOO_LONG, ContinuationScorer, Message, ScoredPrefix
+from prefmill.schemas.config import FLRSection
+from prefmill.schemas.tables import REWARDS
+from prefmill.serving.protocols import PROMPT_TOO_LONG, ContinuationScorer, Message, ScoredPrefix
 
 DEFAULT_FOLLOWUPS = Path(__file__).with_name("data") / "followups.json"
 AGGREGATIONS = ("mean", "sum")

@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass
 from statistics import fmean
 
 import pyarrow as pa
-
-from operators.gates import reply_gate
-from operators.ids import stable_id
-from schemas.config import PairsSection
-from schemas.tables import CANDIDATES, PAIR_REJECTS, PAIRS
-from serving.protocols import PROMPT_TOO_LONG
+from prefmill.operators.gates import reply_gate
+from prefmill.operators.ids import stable_id
+from prefmill.schemas.config import PairsSection
+from prefmill.schemas.tables import CANDIDATES, PAIR_REJECTS, PAIRS
+from prefmill.serving.protocols import PROMPT_TOO_LONG
 
 STRATEGIES = ("best_worst", "best_vs_random_lower", "all_above_margin")
 NORMALIZATIONS = ("pooled", "context", "none")

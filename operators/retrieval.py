@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from serving.protocols import Embedder
+from prefmill.serving.protocols import Embedder
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset("a an and are as at be by for from has have in is it its of on or that the this to was were "

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
-
-from operators.candidates import CandidateSampler, context_ends, context_row
-from operators.selfchat import Dialogues, Progress, SelfChat
-from operators.streams import run_requests
-from schemas.config import CandidatesSection
-from schemas.tables import CANDIDATES
-from serving.protocols import Completion, LanguageModel, Request
+from prefmill.operators.candidates import CandidateSampler, context_ends, context_row
+from prefmill.operators.selfchat import Dialogues, Progress, SelfChat
+from prefmill.operators.streams import run_requests
+from prefmill.schemas.config import CandidatesSection
+from prefmill.schemas.tables import CANDIDATES
+from prefmill.serving.protocols import Completion, LanguageModel, Request
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-
-from operators.ids import stable_id
-from schemas.tables import QUARANTINE, SEEDS
+from prefmill.operators.ids import stable_id
+from prefmill.schemas.tables import QUARANTINE, SEEDS
 
 BUILTIN_SEEDS = Path(__file__).with_name("data") / "builtin_seeds.jsonl"
 MAX_TEXT_CHARS = 20_000

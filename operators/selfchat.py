@@ -22,13 +22,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import pyarrow as pa
-
-from operators.gates import ECHO_THRESHOLD, REPEAT_THRESHOLD, user_turn_gate
-from operators.ids import stable_id
-from operators.streams import run_requests
-from schemas.config import SelfChatSection
-from schemas.tables import CONVERSATIONS
-from serving.protocols import PROMPT_TOO_LONG, Completion, Conversation, LanguageModel, Message, Request, Sampling
+from prefmill.operators.gates import ECHO_THRESHOLD, REPEAT_THRESHOLD, user_turn_gate
+from prefmill.operators.ids import stable_id
+from prefmill.operators.streams import run_requests
+from prefmill.schemas.config import SelfChatSection
+from prefmill.schemas.tables import CONVERSATIONS
+from prefmill.serving.protocols import (
+    PROMPT_TOO_LONG,
+    Completion,
+    Conversation,
+    LanguageModel,
+    Message,
+    Request,
+    Sampling,
+)
 
 END_MARK = "[END]"
 SIMULATOR_SYSTEM = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Iterable, Mapping
 
-from serving.protocols import LanguageModel, OnDone, Request, Sampling
+from prefmill.serving.protocols import LanguageModel, OnDone, Request, Sampling
 
 
 def run_requests(models: Mapping[str, LanguageModel], requests: Iterable[Request], on_done: OnDone) -> None:

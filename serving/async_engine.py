@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Iterable, Sequence
 
-from schemas.config import EngineConfig
-from serving.engine import (
+from prefmill.schemas.config import EngineConfig
+from prefmill.serving.engine import (
     bind_cpu_threads,
     chat_prompt,
     completions,
@@ -27,8 +27,8 @@ from serving.engine import (
     sampling_params,
     token_counts,
 )
-from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling, too_long
-from serving.render import hf_render, hf_tokenize, scoring_prompts
+from prefmill.serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling, too_long
+from prefmill.serving.render import hf_render, hf_tokenize, scoring_prompts
 
 
 class AsyncVLLMEngine:
@@ -36,10 +36,9 @@ class AsyncVLLMEngine:
     request."""
 
     def __init__(self, config: EngineConfig = EngineConfig()):
+        from prefmill.serving.orphans import OrphanWatchdog
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
-
-        from serving.orphans import OrphanWatchdog
 
         self.config = config
         self.name = config.model

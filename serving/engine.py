@@ -10,10 +10,10 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from schemas.config import EngineConfig
-from serving.models import resolve_model
-from serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling, too_long
-from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
+from prefmill.schemas.config import EngineConfig
+from prefmill.serving.models import resolve_model
+from prefmill.serving.protocols import Completion, Conversation, Message, OnDone, Request, Sampling, too_long
+from prefmill.serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 GPU_KV_CACHE_FRACTION = 0.85
 SHUTDOWN_TIMEOUT_S = 30.0
@@ -138,9 +138,8 @@ class VLLMEngine:
     """
 
     def __init__(self, config: EngineConfig = EngineConfig()):
+        from prefmill.serving.orphans import OrphanWatchdog
         from vllm import LLM
-
-        from serving.orphans import OrphanWatchdog
 
         self.config = config
         self.name = config.model

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schemas.config import EngineConfig, PoolConfig
-from serving.protocols import LanguageModel
+from prefmill.schemas.config import EngineConfig, PoolConfig
+from prefmill.serving.protocols import LanguageModel
 
 BACKENDS = ("engine", "ray", "http")
 
@@ -13,17 +13,17 @@ def open_model(spec: str, backend: str = "engine", actors: int = 1, address: str
     """A model for `spec` on `backend`; raises ValueError naming the bad argument."""
     config = (engine or EngineConfig()).model_copy(update={"model": spec})
     if backend == "engine":
-        from serving.engine import VLLMEngine
+        from prefmill.serving.engine import VLLMEngine
 
         return VLLMEngine(config)
     if backend == "ray":
-        from serving.ray_pool import RayEnginePool
+        from prefmill.serving.ray_pool import RayEnginePool
 
         return RayEnginePool(PoolConfig(engine=config, num_actors=actors, address=address))
     if backend == "http":
         if not url:
             raise ValueError("backend 'http' needs --url, e.g. http://127.0.0.1:8000/v1")
-        from serving.http_client import OpenAICompatibleClient
+        from prefmill.serving.http_client import OpenAICompatibleClient
 
         return OpenAICompatibleClient(url, spec)
     raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from schemas.config import EngineConfig
-from serving.protocols import (
+from prefmill.schemas.config import EngineConfig
+from prefmill.serving.protocols import (
     Completion,
     ContinuationScorer,
     Conversation,
@@ -121,10 +121,10 @@ class ModelHost:
 
     def _open(self, spec: str) -> LanguageModel:
         if self.url:
-            from serving.http_client import OpenAICompatibleClient
+            from prefmill.serving.http_client import OpenAICompatibleClient
 
             return OpenAICompatibleClient(self.url, spec)
-        from serving.engine import VLLMEngine
+        from prefmill.serving.engine import VLLMEngine
 
         engine = VLLMEngine(self.engine_config.model_copy(update={"model": spec}))
         self._owned.append(engine)
@@ -133,7 +133,7 @@ class ModelHost:
     def scorer(self, spec: str, meter: Meter | None = None) -> ContinuationScorer:
         with self._lock:
             if spec not in self._scorers:
-                from serving.prefix_scorer import SharedPrefixScorer
+                from prefmill.serving.prefix_scorer import SharedPrefixScorer
 
                 self._scorers[spec] = (SharedPrefixScorer(spec, prefix_batch=self.prefix_batch), threading.Lock())
             scorer, lock = self._scorers[spec]

@@ -18,10 +18,9 @@ from functools import cached_property
 from typing import Any, Sequence
 
 import httpx
-
-from serving.models import resolve_model
-from serving.protocols import Completion, Conversation, Message, Sampling, too_long
-from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
+from prefmill.serving.models import resolve_model
+from prefmill.serving.protocols import Completion, Conversation, Message, Sampling, too_long
+from prefmill.serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts
 
 
 class OpenAICompatibleClient:

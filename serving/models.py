@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.config import file_lock, prefmill_home
+from prefmill.schemas.config import file_lock, prefmill_home
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from serving.models import resolve_model
-from serving.protocols import Conversation, Message, ScoredPrefix
-from serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts, truncate_left
+from prefmill.serving.models import resolve_model
+from prefmill.serving.protocols import Conversation, Message, ScoredPrefix
+from prefmill.serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts, truncate_left
 
 
 class SharedPrefixScorer:

@@ -16,11 +16,10 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 import ray
-
-from schemas.config import EngineConfig, PoolConfig, prefmill_home
-from serving.hosts import ModelHost, Step, StepRun, run_step
-from serving.orphans import OrphanWatchdog
-from serving.protocols import Completion, Conversation, Message, Sampling
+from prefmill.schemas.config import EngineConfig, PoolConfig, prefmill_home
+from prefmill.serving.hosts import ModelHost, Step, StepRun, run_step
+from prefmill.serving.orphans import OrphanWatchdog
+from prefmill.serving.protocols import Completion, Conversation, Message, Sampling
 
 _RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from serving.protocols import Conversation, Message
+from prefmill.serving.protocols import Conversation, Message
 
 _SENTINEL = "\x00PREFMILL-CONTENT\x00"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from schemas.config import EngineConfig
-from serving.engine import engine_kwargs
+from prefmill.schemas.config import EngineConfig
+from prefmill.serving.engine import engine_kwargs
 
 
 def server_command(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000) -> list[str]:

@@ -34,14 +34,13 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from schemas.config import config_hash, file_lock, prefmill_home
-from schemas.tables import conform
-from storage.columns import column_definitions, evolve_columns, match_columns
-from storage.errors import CatalogError
-from storage.outputs import checked_output, outside, replacing
-from storage.postgres import PostgresTarget, parse_target, redact
-from storage.sql_guard import Explain, SqlLimits, checked_select, duckdb_error, explained, run_bounded, sandbox
+from prefmill.schemas.config import config_hash, file_lock, prefmill_home
+from prefmill.schemas.tables import conform
+from prefmill.storage.columns import column_definitions, evolve_columns, match_columns
+from prefmill.storage.errors import CatalogError
+from prefmill.storage.outputs import checked_output, outside, replacing
+from prefmill.storage.postgres import PostgresTarget, parse_target, redact
+from prefmill.storage.sql_guard import Explain, SqlLimits, checked_select, duckdb_error, explained, run_bounded, sandbox
 
 __all__ = ["Catalog", "CatalogError", "SqlLimits", "Version", "default_catalog_path", "validate_name"]
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
-
-from storage.errors import CatalogError
+from prefmill.storage.errors import CatalogError
 
 _SQL_TYPES = {"string": "VARCHAR", "large_string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT",
               "float": "FLOAT", "double": "DOUBLE", "bool": "BOOLEAN"}

@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from storage.errors import CatalogError
+from prefmill.storage.errors import CatalogError
 
 
 def outside(path: Path | str, catalog: Path) -> Path:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from schemas.config import prefmill_home
-from storage.errors import CatalogError
+from prefmill.schemas.config import prefmill_home
+from prefmill.storage.errors import CatalogError
 
 _KEY_VALUE_PREFIX = "postgres:"
 _URL = re.compile(r"^(postgres(?:ql)?):/+", re.IGNORECASE)  # a Path() of a URL collapses '//' into '/'

@@ -25,8 +25,7 @@ from typing import Any, Iterator, Literal
 
 import duckdb
 import pyarrow as pa
-
-from storage.errors import CatalogError
+from prefmill.storage.errors import CatalogError
 
 # DuckLake functions that only read metadata; callable as `ducklake_<name>(...)` or `lake.<name>(...)`
 _LAKE_READERS = {"snapshots", "table_changes", "table_insertions", "table_deletions", "table_info", "list_files",

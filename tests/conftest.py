@@ -23,14 +23,14 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from serving.models import resolve_model
+    from prefmill.serving.models import resolve_model
 
     return resolve_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def engine(model_path):
-    from serving.engine import VLLMEngine
+    from prefmill.serving.engine import VLLMEngine
 
     engine = VLLMEngine()
     yield engine
@@ -43,8 +43,7 @@ def make_ray_pool(model_path):
     /tmp (Ray's socket paths must stay under 108 bytes: pytest's deep tmp_path is too long); at the end of
     the module they are shut down with Ray and their folders removed."""
     import ray
-
-    from serving.ray_pool import RayEnginePool
+    from prefmill.serving.ray_pool import RayEnginePool
 
     opened = []
 
@@ -66,7 +65,7 @@ def make_ray_pool(model_path):
 def ray_pool(make_ray_pool):
     """Module-scoped so its two engines are gone before later modules start theirs (vLLM on CPU binds
     memory to NUMA node 0, which is smaller than the machine's RAM)."""
-    from schemas.config import PoolConfig
+    from prefmill.schemas.config import PoolConfig
 
     return make_ray_pool(PoolConfig(num_actors=2))
 
@@ -83,6 +82,6 @@ def hf_model(model_path):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from serving.embedder import SentenceTransformerEmbedder
+    from prefmill.serving.embedder import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from serving.protocols import Completion, Conversation, Message, Sampling, too_long
+from prefmill.serving.protocols import Completion, Conversation, Message, Sampling, too_long
 
 Script = Callable[[Conversation, Sampling, int], str]
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
-
-from schemas.tables import CRITIQUES, PAIRS
-from storage.catalog import Catalog, Version
+from prefmill.schemas.tables import CRITIQUES, PAIRS
+from prefmill.storage.catalog import Catalog, Version
 
 # (prompt turns, chosen reply, rejected reply): short real texts, some multi-turn
 PROMPTS = [

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefmill.storage.catalog import Catalog
 
-from storage.catalog import Catalog
 from tests.test_crash import REPO, run, stage_counts, write_config
 from tests.test_flow_deploy import BIN, free_port, wait_until
 
 pytestmark = pytest.mark.slow
-DRIVER = "import sys; from tests.test_api_restart import hold; hold(sys.argv[1]); from flows.cli import app; " \
-         "app(sys.argv[2:], prog_name='prefmill')"
+DRIVER = "import sys; from tests.test_api_restart import hold; hold(sys.argv[1]); " \
+         "from prefmill.flows.cli import app; app(sys.argv[2:], prog_name='prefmill')"
 # the run's Prefect client: one retry (2 s) of a request the API does not answer, instead of 5 (about 62 s)
 GIVE_UP_QUICKLY = {"PREFECT_CLIENT_MAX_RETRIES": "1", "PREFECT_CLIENT_RETRY_JITTER_FACTOR": "0"}
 OUTAGE_BOUND = 300  # seconds the API stays down waiting for the run to give up
@@ -41,7 +41,7 @@ OUTAGE_BOUND = 300  # seconds the API stays down waiting for the run to give up
 def hold(marks: str) -> None:
     """In the run's process: once the first rollout shard's result is back, say so (`marks/holding`) and
     wait for `marks/go`, so the server dies while this run is between shards."""
-    from flows.runner import stage_progress
+    from prefmill.flows.runner import stage_progress
 
     report, folder = stage_progress.report, Path(marks)
 

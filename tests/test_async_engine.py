@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from operators.seeds import load_seeds
-from operators.selfchat import SelfChat
-from serving.protocols import Request, Sampling
+from prefmill.operators.seeds import load_seeds
+from prefmill.operators.selfchat import SelfChat
+from prefmill.serving.protocols import Request, Sampling
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def async_engine(model_path):
-    from serving.async_engine import AsyncVLLMEngine
+    from prefmill.serving.async_engine import AsyncVLLMEngine
 
     engine = AsyncVLLMEngine()
     yield engine

@@ -43,7 +43,8 @@ def test_chat_with_a_bad_model_spec_fails_clearly():
 
 
 def test_sql_datasets_and_export_commands(tmp_path):
-    from storage.catalog import Catalog
+    from prefmill.storage.catalog import Catalog
+
     from tests.test_storage import pairs
 
     catalog = tmp_path / "catalog"
@@ -104,8 +105,7 @@ def test_run_against_a_prefect_api_that_is_down_fails_in_one_line_before_anythin
 def test_a_connection_error_is_recognised_as_the_prefect_apis_however_its_url_is_written(configured):
     """httpx writes a request's URL lower-cased and without a default port; PREFECT_API_URL may not be."""
     import httpx
-
-    from flows.runner import api_connection_error
+    from prefmill.flows.runner import api_connection_error
 
     def refused(url: str) -> httpx.ConnectError:
         return httpx.ConnectError("[Errno 111] Connection refused", request=httpx.Request("POST", url))
@@ -120,7 +120,7 @@ def test_a_connection_error_is_recognised_as_the_prefect_apis_however_its_url_is
 
 @pytest.mark.slow
 def test_run_shows_progress_and_a_summary_without_engine_logs(tmp_path, model_path):
-    from storage.catalog import Catalog
+    from prefmill.storage.catalog import Catalog
 
     catalog = tmp_path / "catalog"
     result = run("run", "--set", "seeds.limit=1", "--set", "selfchat.max_turns=1", "--set", "candidates.n=2",

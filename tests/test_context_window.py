@@ -8,13 +8,13 @@ import json
 
 import pyarrow as pa
 import pytest
+from prefmill.operators.critiques import TOO_LONG, ClaimCritic
+from prefmill.operators.flr import FollowUp, FollowUpReward
+from prefmill.operators.pairs import PairMiner
+from prefmill.operators.rollout import Rollout
+from prefmill.operators.selfchat import SelfChat
+from prefmill.serving.protocols import PROMPT_TOO_LONG, ScoredPrefix
 
-from operators.critiques import TOO_LONG, ClaimCritic
-from operators.flr import FollowUp, FollowUpReward
-from operators.pairs import PairMiner
-from operators.rollout import Rollout
-from operators.selfchat import SelfChat
-from serving.protocols import PROMPT_TOO_LONG, ScoredPrefix
 from tests.fakes import ScriptedLM, StreamingScriptedLM
 
 LONG = "word " * 400  # over the scripted models' 300-word window on its own
@@ -152,10 +152,10 @@ def test_critique_requests_over_the_window_give_a_reason_per_claim_not_a_crash()
 
 @pytest.mark.slow
 def test_the_pipeline_on_the_engine_records_a_seed_over_the_window_and_publishes_the_rest(engine, tmp_path):
-    from flows.pipeline import pipeline_flow
-    from schemas.config import load_pipeline_config
-    from serving.hosts import LocalPool, ModelHost
-    from storage.catalog import Catalog
+    from prefmill.flows.pipeline import pipeline_flow
+    from prefmill.schemas.config import load_pipeline_config
+    from prefmill.serving.hosts import LocalPool, ModelHost
+    from prefmill.storage.catalog import Catalog
 
     long_question = "1234567890" * 500  # 5,000 digit tokens: over the engine's 4,096-token window alone
     seeds = tmp_path / "seeds.jsonl"

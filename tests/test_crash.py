@@ -43,8 +43,8 @@ from typing import Callable
 
 import psutil
 import pytest
+from prefmill.storage.catalog import Catalog
 
-from storage.catalog import Catalog
 from tests.flow_helpers import write_config
 from tests.test_orphans import all_end
 
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POINTS = ["selfchat", "scoring", "dedup", "publish"]
-DRIVER = "import sys; from tests.test_crash import arm; arm(sys.argv[1]); from flows.cli import app; " \
+DRIVER = "import sys; from tests.test_crash import arm; arm(sys.argv[1]); from prefmill.flows.cli import app; " \
          "app(sys.argv[2:], prog_name='prefmill')"
 # kill points past the LLM stages: their runs start from a copy of the reference's result cache
 AFTER_LLM = {"dedup", "publish"}
@@ -80,7 +80,7 @@ def arm(point: str) -> None:
 
 
 def _after_first_shard(stage: str) -> None:
-    from flows.runner import stage_progress
+    from prefmill.flows.runner import stage_progress
 
     report = stage_progress.report  # called by the flow as each shard's task result arrives
 
@@ -93,7 +93,7 @@ def _after_first_shard(stage: str) -> None:
 
 
 def _after_embedding() -> None:
-    from serving.embedder import SentenceTransformerEmbedder
+    from prefmill.serving.embedder import SentenceTransformerEmbedder
 
     embed = SentenceTransformerEmbedder.embed
 
@@ -122,7 +122,7 @@ class _DieAtCommit:
 
 
 def _at_commit() -> None:
-    from storage.catalog import Catalog
+    from prefmill.storage.catalog import Catalog
 
     commit = Catalog._commit
 

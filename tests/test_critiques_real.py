@@ -4,11 +4,10 @@ contradiction the model flags (asserting on the pipeline's behaviour, not the ti
 from __future__ import annotations
 
 import pytest
-
-from operators.critiques import VERDICTS, ClaimCritic
-from operators.retrieval import DocumentIndex
-from schemas.tables import CRITIQUES
-from serving.engine import chat_prompt
+from prefmill.operators.critiques import VERDICTS, ClaimCritic
+from prefmill.operators.retrieval import DocumentIndex
+from prefmill.schemas.tables import CRITIQUES
+from prefmill.serving.engine import chat_prompt
 
 SOURCE = ("The Berlin Wall, built in 1961, was opened on the night of 9 November 1989. Germany was formally "
           "reunified on 3 October 1990.")

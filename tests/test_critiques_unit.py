@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from prefmill.operators.critiques import (
+    ClaimCritic,
+    parse_claims,
+    parse_knows,
+    parse_verdict,
+    remove_verbatim,
+    verdict_prompt,
+)
+from prefmill.operators.retrieval import DocumentIndex, load_documents
+from prefmill.schemas.tables import CRITIQUES
 
-from operators.critiques import ClaimCritic, parse_claims, parse_knows, parse_verdict, remove_verbatim, verdict_prompt
-from operators.retrieval import DocumentIndex, load_documents
-from schemas.tables import CRITIQUES
 from tests.fakes import ScriptedLM
 
 WALL = "The Berlin Wall fell in 1975."

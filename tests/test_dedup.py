@@ -9,11 +9,10 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from operators.dedup import Deduper, dedup_key, vectors_of
-from operators.seeds import BUILTIN_SEEDS
-from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
-from serving.ann import FaissIndex, make_index
+from prefmill.operators.dedup import Deduper, dedup_key, vectors_of
+from prefmill.operators.seeds import BUILTIN_SEEDS
+from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
+from prefmill.serving.ann import FaissIndex, make_index
 
 SEEDS = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()]
 PARAPHRASES = {  # seed index → (question, answer) written in other words: the same pair, every fact kept
@@ -186,9 +185,9 @@ def test_a_catalog_from_before_pair_vectors_takes_new_pairs_and_dedups_against_i
     """A catalog whose `pairs_embeddings` has one vector of prompt + reply per pair (schema version 2):
     the next run's dedup computes its old pairs' vectors from their published text, and its publish adds
     the new columns to the dataset (old rows keep theirs, null in the new ones)."""
-    from flows.pipeline import dedup_pairs
-    from schemas.config import load_pipeline_config
-    from storage.catalog import Catalog
+    from prefmill.flows.pipeline import dedup_pairs
+    from prefmill.schemas.config import load_pipeline_config
+    from prefmill.storage.catalog import Catalog
 
     old = table(originals(3))
     texts = [f"{r['prompt'][0]['content']}\n{r['chosen'][0]['content']}" for r in old.to_pylist()]

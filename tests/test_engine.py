@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-
-from serving.protocols import Completion, Sampling
+from prefmill.serving.protocols import Completion, Sampling
 
 QUESTION = [{"role": "user", "content": "Name three uses of copper."}]
 
@@ -80,7 +79,7 @@ def test_empty_continuation_scores_to_no_tokens(engine):
 
 
 def test_bad_model_spec_gives_a_clear_error(tmp_path):
-    from serving.models import ModelSpecError, resolve_model
+    from prefmill.serving.models import ModelSpecError, resolve_model
 
     with pytest.raises(ModelSpecError, match="neither an embedded model"):
         resolve_model("no such model!")
@@ -108,7 +107,7 @@ def test_count_tokens_is_the_tokenizers_count_without_special_tokens(engine, hf_
 
 def _turns(engine, seeds: list[int], errors: dict | None = None) -> dict:
     """A small two-step request stream per seed (a reply, then a follow-up on it), run with `stream`."""
-    from serving.protocols import Request
+    from prefmill.serving.protocols import Request
 
     out: dict = {}
 
@@ -152,7 +151,7 @@ def test_a_failing_caller_does_not_stop_the_others(engine):
 
 
 def test_a_prompt_over_the_context_window_is_answered_prompt_too_long_and_the_batch_goes_on(engine):
-    from serving.protocols import PROMPT_TOO_LONG
+    from prefmill.serving.protocols import PROMPT_TOO_LONG
 
     too_long = [{"role": "user", "content": "word " * (engine.max_model_len + 10)}]
     fits_only_without_max_tokens = [{"role": "user", "content": "word " * (engine.max_model_len - 60)}]
@@ -163,7 +162,7 @@ def test_a_prompt_over_the_context_window_is_answered_prompt_too_long_and_the_ba
 
 
 def test_calling_the_engine_from_a_callback_is_refused_not_a_deadlock(engine):
-    from serving.protocols import Request
+    from prefmill.serving.protocols import Request
 
     def on_done(request, completions):
         engine.chat([QUESTION], Sampling(max_tokens=4))
@@ -180,7 +179,7 @@ def test_a_caller_joins_a_busy_engine_at_once_instead_of_waiting_for_the_running
     import threading
     import time
 
-    from serving.protocols import Request
+    from prefmill.serving.protocols import Request
 
     done: dict[str, float] = {}
 
@@ -233,7 +232,7 @@ def test_a_stream_returns_only_when_its_follow_ups_are_done_while_other_callers_
     import threading
     import time
 
-    from serving.protocols import Request
+    from prefmill.serving.protocols import Request
 
     calls: list[int] = []
 
@@ -269,7 +268,7 @@ def test_a_closed_engine_leaves_no_tokenizer_behind(model_path):
     import gc
     import weakref
 
-    from serving.engine import VLLMEngine
+    from prefmill.serving.engine import VLLMEngine
 
     def tokenizers() -> int:
         gc.collect()

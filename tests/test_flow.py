@@ -10,11 +10,10 @@ import threading
 import time
 
 import pytest
-
-from operators.flr import load_followups
-from schemas.config import PipelineConfig, load_pipeline_config
-from serving.hosts import LocalPool, ModelHost
-from storage.catalog import Catalog
+from prefmill.operators.flr import load_followups
+from prefmill.schemas.config import PipelineConfig, load_pipeline_config
+from prefmill.serving.hosts import LocalPool, ModelHost
+from prefmill.storage.catalog import Catalog
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,7 @@ def tiny_config(tmp_path, *extra: str) -> PipelineConfig:
 
 
 def run(cfg: PipelineConfig, pool):
-    from flows.pipeline import pipeline_flow
+    from prefmill.flows.pipeline import pipeline_flow
 
     return pipeline_flow(pool=pool)(cfg.model_dump(mode="json"))
 
@@ -125,13 +124,13 @@ class SlowSiblingPool:
 
 def test_a_failed_shard_waits_for_its_running_siblings_before_the_pool_closes(tmp_path, monkeypatch):
     """Otherwise the run's pool (and its engine) would be shut down under a step still generating."""
-    import flows.pipeline
-    from operators.seeds import load_seeds
+    import prefmill.flows.pipeline as pipeline_module
+    from prefmill.operators.seeds import load_seeds
 
     cfg = tiny_config(tmp_path)
     pool = SlowSiblingPool()
     pool.first = load_seeds().seeds.column("seed_id")[0].as_py()
-    monkeypatch.setattr(flows.pipeline, "open_pool", lambda _cfg: pool)  # the run opens (and closes) it
+    monkeypatch.setattr(pipeline_module, "open_pool", lambda _cfg: pool)  # the run opens (and closes) it
     with pytest.raises(RuntimeError, match="injected crash"):
         run(cfg, None)
     assert pool.running_at_shutdown == 0

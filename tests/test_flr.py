@@ -6,10 +6,9 @@ import json
 from statistics import fmean
 
 import pytest
-
-from operators.flr import FollowUp, FollowUpReward, load_followups, reply_prefix
-from schemas.tables import REWARDS
-from serving.protocols import ScoredPrefix
+from prefmill.operators.flr import FollowUp, FollowUpReward, load_followups, reply_prefix
+from prefmill.schemas.tables import REWARDS
+from prefmill.serving.protocols import ScoredPrefix
 
 FOLLOWUPS = (FollowUp("correctness", "positive", "Thanks, that's correct."),
              FollowUp("correctness", "negative", "That's wrong."),
@@ -67,14 +66,14 @@ def test_followup_files_load_and_bad_ones_are_clear(tmp_path):
 
 @pytest.fixture(scope="module")
 def shared_scorer(model_path):
-    from serving.prefix_scorer import SharedPrefixScorer
+    from prefmill.serving.prefix_scorer import SharedPrefixScorer
 
     return SharedPrefixScorer()
 
 
 @pytest.fixture(scope="module")
 def naive_scorer(engine):
-    from serving.prefix_scorer import NaiveScorer
+    from prefmill.serving.prefix_scorer import NaiveScorer
 
     return NaiveScorer(engine)
 
@@ -88,7 +87,7 @@ def test_reward_equals_a_hand_computation_from_score(engine, naive_scorer):
 
 
 def test_prefix_shared_scoring_agrees_with_naive(shared_scorer, naive_scorer, model_path):
-    from serving.prefix_scorer import SharedPrefixScorer
+    from prefmill.serving.prefix_scorer import SharedPrefixScorer
 
     flr = FollowUpReward()
     shared = flr(CANDIDATES, shared_scorer).column("reward").to_pylist()
@@ -114,7 +113,7 @@ def test_empty_and_very_long_replies_are_handled_and_truncation_recorded(shared_
 def test_batched_prefixes_score_like_one_prefix_at_a_time(shared_scorer):
     """Prefixes of different lengths share a forward (right-padded, masked, explicit positions): the scores
     and truncation equal one-prefix-at-a-time scoring, in input order, including a prefix cut to fit."""
-    from serving.prefix_scorer import SharedPrefixScorer
+    from prefmill.serving.prefix_scorer import SharedPrefixScorer
 
     replies = ["Paris.", "", "The capital of France is Paris, on the Seine. " * 6, "Paris is the capital. " * 40,
                "It is Paris.", "Lyon."]

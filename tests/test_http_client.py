@@ -13,11 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-
-from schemas.config import EngineConfig
-from serving.http_client import OpenAICompatibleClient
-from serving.protocols import PROMPT_TOO_LONG, Completion, Sampling
-from serving.server import server_command
+from prefmill.schemas.config import EngineConfig
+from prefmill.serving.http_client import OpenAICompatibleClient
+from prefmill.serving.protocols import PROMPT_TOO_LONG, Completion, Sampling
+from prefmill.serving.server import server_command
 
 # what vLLM's server answers a prompt over the window, as it words it now (0.32) and as it used to (0.9)
 TOO_LONG_NOW = {"error": {"message": "This model's maximum context length is 4096 tokens. However, your prompt "

@@ -37,10 +37,13 @@ def test_layer_imports_only_downward(layer):
     assert files, f"layer {layer} has no code"
     broken = []
     for path in files:
-        for name in _imports(path):
+        for imported in _imports(path):
+            name = imported.removeprefix("prefmill.")  # our layers by their folder names
             top = name.split(".")[0]
             if top in ENGINES and top not in engines:
                 broken.append(f"{path.relative_to(REPO)} imports {name}")
             if top in OURS and top != layer and not any(name == o or name.startswith(o + ".") for o in ours):
                 broken.append(f"{path.relative_to(REPO)} imports {name}")
+            if top in OURS and name == imported:
+                broken.append(f"{path.relative_to(REPO)} imports {name} outside the prefmill namespace")
     assert not broken, "layer rules broken:\n" + "\n".join(broken)

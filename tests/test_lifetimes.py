@@ -10,8 +10,7 @@ import types
 import weakref
 
 import pytest
-
-from schemas.config import load_pipeline_config
+from prefmill.schemas.config import load_pipeline_config
 
 
 class Closable:
@@ -26,7 +25,7 @@ class Closable:
 def test_a_finished_run_keeps_no_reference_to_the_pool_it_opened(tmp_path, monkeypatch):
     """Prefect keeps what a task was called with (the run's models among its arguments) in services that
     outlive the run; the run's models must let go of the pool, or every run's engine stays in memory."""
-    import flows.pipeline as P
+    import prefmill.flows.pipeline as P
 
     monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
     with P.RunModels(load_pipeline_config(None, [f'catalog="{tmp_path}"'])) as models:
@@ -40,14 +39,14 @@ def test_a_finished_run_keeps_no_reference_to_the_pool_it_opened(tmp_path, monke
 
 
 def test_a_closed_host_lets_go_of_the_engines_it_opened_but_not_of_preloaded_ones(monkeypatch):
-    import serving.engine
-    from serving.hosts import ModelHost
+    import prefmill.serving.engine as engine_module
+    from prefmill.serving.hosts import ModelHost
 
     class Engine(Closable):
         def __init__(self, config):
             self.name = config.model
 
-    monkeypatch.setattr(serving.engine, "VLLMEngine", Engine)
+    monkeypatch.setattr(engine_module, "VLLMEngine", Engine)
     lent = Closable()
     host = ModelHost(preloaded={"lent": lent})
     opened = weakref.ref(host.chat_model("m").model)
@@ -61,8 +60,7 @@ def test_no_vllm_module_keeps_a_traceback_holding_its_importers_frames():
     """vLLM keeps failed optional imports as exceptions in module globals; their tracebacks held the
     frames (and locals) of whatever first imported vLLM, a flow task's included."""
     import vllm  # noqa: F401
-
-    from serving.engine import release_import_tracebacks
+    from prefmill.serving.engine import release_import_tracebacks
 
     probe = types.ModuleType("vllm._prefmill_probe")
     try:
@@ -85,7 +83,7 @@ def test_no_vllm_module_keeps_a_traceback_holding_its_importers_frames():
 def test_run_models_that_ended_refuse_to_open_another_pool(tmp_path, monkeypatch):
     """A task still running when its run ends (an interrupted run) must not open a pool nobody closes; a
     lent pool is its owner's to close."""
-    import flows.pipeline as P
+    import prefmill.flows.pipeline as P
 
     monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
     cfg = load_pipeline_config(None, [f'catalog="{tmp_path}"'])

@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
-from serving.models import EMBEDDED, known_models
+from prefmill.serving.models import EMBEDDED, known_models
 
 pytestmark = pytest.mark.slow
 
-RACE = "from serving.models import materialize_embedded; print(materialize_embedded())"
+RACE = "from prefmill.serving.models import materialize_embedded; print(materialize_embedded())"
 
 
 def test_two_processes_materializing_at_once_both_get_one_complete_folder(tmp_path):

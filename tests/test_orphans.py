@@ -21,8 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from serving.orphans import GRACE_S, POLL_S, OrphanWatchdog
+from prefmill.serving.orphans import GRACE_S, POLL_S, OrphanWatchdog
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = "import time; time.sleep(600)"
@@ -32,7 +31,7 @@ SLEEPER = "import time; time.sleep(600)"
 OWNER = f"""
 import multiprocessing, subprocess, sys, time
 from multiprocessing import shared_memory
-from serving.orphans import OrphanWatchdog
+from prefmill.serving.orphans import OrphanWatchdog
 
 if __name__ == "__main__":
     earlier = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}])
@@ -50,8 +49,8 @@ STARTED = 6  # earlier, the watchdog, tree's child and grandchild, the resource 
 RAY_DRIVER = """
 import json, os, signal
 import psutil
-from schemas.config import EngineConfig, PoolConfig
-from serving.ray_pool import RayEnginePool
+from prefmill.schemas.config import EngineConfig, PoolConfig
+from prefmill.serving.ray_pool import RayEnginePool
 
 if __name__ == "__main__":
     pool = RayEnginePool(PoolConfig(num_actors=1, engine=EngineConfig(max_model_len=512)), log_to_driver=False)

@@ -6,9 +6,8 @@ import math
 
 import pyarrow as pa
 import pytest
-
-from operators.pairs import PairMiner, revised_candidates, revised_id, win_prob
-from schemas.tables import CANDIDATES, CRITIQUES, PAIR_REJECTS, PAIRS, REWARDS
+from prefmill.operators.pairs import PairMiner, revised_candidates, revised_id, win_prob
+from prefmill.schemas.tables import CANDIDATES, CRITIQUES, PAIR_REJECTS, PAIRS, REWARDS
 
 QUESTION = [{"role": "user", "content": "How do vaccines train the immune system?"}]
 REPLIES = ["They show the body a harmless piece of a germ so it learns to recognise it.",

@@ -8,17 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from operators.candidates import CandidateSampler
-from operators.dedup import Deduper, vectors_of
-from operators.flr import FollowUpReward
-from operators.pairs import PairMiner
-from operators.rollout import Rollout
-from operators.seeds import load_seeds
-from operators.selfchat import SelfChat
-from schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIR_REJECTS, PAIRS
-from serving.ann import make_index
-from storage.catalog import Catalog
+from prefmill.operators.candidates import CandidateSampler
+from prefmill.operators.dedup import Deduper, vectors_of
+from prefmill.operators.flr import FollowUpReward
+from prefmill.operators.pairs import PairMiner
+from prefmill.operators.rollout import Rollout
+from prefmill.operators.seeds import load_seeds
+from prefmill.operators.selfchat import SelfChat
+from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIR_REJECTS, PAIRS
+from prefmill.serving.ann import make_index
+from prefmill.storage.catalog import Catalog
 
 pytestmark = pytest.mark.slow
 CONTEXT_REASONS = {"fewer_than_two_candidates", "tie", "under_margin"}
@@ -27,7 +26,7 @@ CANDIDATE_REASONS = {"no_reward", "no_factuality", "duplicate_reply", "echoes_us
 
 @pytest.fixture(scope="module")
 def mined(engine):
-    from serving.prefix_scorer import SharedPrefixScorer
+    from prefmill.serving.prefix_scorer import SharedPrefixScorer
 
     seeds = load_seeds().seeds.slice(0, 4).to_pylist()
     rollout = Rollout(SelfChat(max_turns=1, max_tokens_per_turn=48), CandidateSampler(n=3, max_tokens=48), "last")

@@ -20,7 +20,7 @@ def without_api_url(**extra: str) -> dict[str, str]:
 
 def test_a_prefect_home_whose_parents_are_missing_is_created(tmp_path):
     home = tmp_path / "fresh" / "prefmill" / "prefect"
-    script = "from flows.runner import ensure_prefect_home; ensure_prefect_home()"
+    script = "from prefmill.flows.runner import ensure_prefect_home; ensure_prefect_home()"
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120,
                    env=without_api_url(PREFECT_HOME=str(home), PYTHONPATH=str(ROOT)))
     assert home.is_dir()

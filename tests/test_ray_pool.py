@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from serving.protocols import Sampling
-from serving.ray_pool import in_input_order, split_evenly
+from prefmill.serving.protocols import Sampling
+from prefmill.serving.ray_pool import in_input_order, split_evenly
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-
-from schemas.tables import PAIRS, QUARANTINE, SCHEMA_VERSION, SCHEMAS, SchemaMismatch, conform
+from prefmill.schemas.tables import PAIRS, QUARANTINE, SCHEMA_VERSION, SCHEMAS, SchemaMismatch, conform
 
 
 def test_every_schema_carries_name_and_version():

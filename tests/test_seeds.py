@@ -5,8 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from operators.seeds import BUILTIN_SEEDS, SeedFileError, load_seeds
+from prefmill.operators.seeds import BUILTIN_SEEDS, SeedFileError, load_seeds
 
 
 def test_builtin_seeds_are_complete_and_unique():

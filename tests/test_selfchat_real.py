@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from operators.candidates import CandidateSampler, contexts
-from operators.rollout import Rollout
-from operators.seeds import load_seeds
-from operators.selfchat import SelfChat
-from schemas.tables import CANDIDATES, CONVERSATIONS
-from serving.protocols import Request, Sampling
+from prefmill.operators.candidates import CandidateSampler, contexts
+from prefmill.operators.rollout import Rollout
+from prefmill.operators.seeds import load_seeds
+from prefmill.operators.selfchat import SelfChat
+from prefmill.schemas.tables import CANDIDATES, CONVERSATIONS
+from prefmill.serving.protocols import Request, Sampling
 
 
 @pytest.fixture(scope="module")

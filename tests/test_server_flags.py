@@ -3,12 +3,11 @@ by vLLM's own server parser and turned into engine args the way the server does 
 
 from __future__ import annotations
 
+import prefmill.serving.engine as engine_module
 import pytest
-
-import serving.engine
-from schemas.config import EngineConfig
-from serving.engine import engine_kwargs
-from serving.server import server_command
+from prefmill.schemas.config import EngineConfig
+from prefmill.serving.engine import engine_kwargs
+from prefmill.serving.server import server_command
 
 
 def served_engine_args(cmd: list[str]):
@@ -26,7 +25,7 @@ def served_engine_args(cmd: list[str]):
                                                                  kv_cache_fraction=0.5, dtype="float16")],
                          ids=["defaults", "overrides"])
 def test_every_engine_setting_reaches_the_server_with_its_value(monkeypatch, gpu, config):
-    monkeypatch.setattr(serving.engine, "on_gpu", lambda: gpu)
+    monkeypatch.setattr(engine_module, "on_gpu", lambda: gpu)
     kwargs = engine_kwargs(config)
     engine_args, args = served_engine_args(server_command(config, host="127.0.0.1", port=8123))
     assert {key: getattr(engine_args, key) for key in kwargs} == kwargs
@@ -34,6 +33,6 @@ def test_every_engine_setting_reaches_the_server_with_its_value(monkeypatch, gpu
 
 
 def test_chunked_prefill_stays_off_on_cpu(monkeypatch):
-    monkeypatch.setattr(serving.engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine_module, "on_gpu", lambda: False)
     engine_args, _ = served_engine_args(server_command(EngineConfig()))
     assert engine_args.enable_chunked_prefill is False

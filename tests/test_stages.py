@@ -14,19 +14,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from prefect import flow
-
-from flows.pipeline import RunModels, Shard, no_report, run_stages
-from flows.results import RunResult
-from flows.stages import STAGES, Stage, build_stages
-from flows.stages.base import imported_modules
-from operators.candidates import CandidateSampler
-from operators.critiques import ClaimCritic
-from operators.dedup import Deduper
-from operators.flr import FollowUpReward
-from operators.pairs import PairMiner
-from operators.rollout import Rollout
-from operators.selfchat import SelfChat
-from schemas.config import (
+from prefmill.flows.pipeline import RunModels, Shard, no_report, run_stages
+from prefmill.flows.results import RunResult
+from prefmill.flows.stages import STAGES, Stage, build_stages
+from prefmill.flows.stages.base import imported_modules
+from prefmill.operators.candidates import CandidateSampler
+from prefmill.operators.critiques import ClaimCritic
+from prefmill.operators.dedup import Deduper
+from prefmill.operators.flr import FollowUpReward
+from prefmill.operators.pairs import PairMiner
+from prefmill.operators.rollout import Rollout
+from prefmill.operators.selfchat import SelfChat
+from prefmill.schemas.config import (
     CandidatesSection,
     CritiquesSection,
     DedupSection,
@@ -36,8 +35,8 @@ from schemas.config import (
     SelfChatSection,
     load_pipeline_config,
 )
-from serving.hosts import StepRun
-from storage.shards import ShardStore, StoredShard
+from prefmill.serving.hosts import StepRun
+from prefmill.storage.shards import ShardStore, StoredShard
 
 REPO = Path(__file__).resolve().parents[1]
 # config fields a stage reads itself (the rest of each section is its operator's settings)
@@ -81,15 +80,16 @@ def test_the_stage_list_follows_the_config_and_every_input_is_produced_before_it
 
 
 def test_a_stage_fingerprint_covers_the_modules_its_code_imports():
-    assert {"operators.gates", "operators.selfchat", "operators.streams"} <= imported_modules("flows.stages.rollout")
-    assert {"operators.gates", "operators.retrieval", "operators.selection"} <= imported_modules(
-        "flows.stages.critiques")
+    rollout = imported_modules("prefmill.flows.stages.rollout")
+    critiques = imported_modules("prefmill.flows.stages.critiques")
+    assert {f"prefmill.operators.{m}" for m in ("gates", "selfchat", "streams")} <= rollout
+    assert {f"prefmill.operators.{m}" for m in ("gates", "retrieval", "selection")} <= critiques
 
 
 FINGERPRINTS = """
 import json, sys
-from flows.stages import build_stages
-from schemas.config import load_pipeline_config
+from prefmill.flows.stages import build_stages
+from prefmill.schemas.config import load_pipeline_config
 print(json.dumps({s.name: s.fingerprint() for s in build_stages(load_pipeline_config(None, sys.argv[1:]))}))
 """
 
@@ -103,11 +103,12 @@ def fingerprints(root: Path, *overrides: str) -> dict[str, str]:
 def test_editing_a_module_a_stage_depends_on_changes_its_fingerprint_and_speed_settings_do_not(tmp_path):
     """A shard computed before `operators/gates.py` changed must not be served after it (resume would
     hand out results of the old algorithm); where and how fast a run goes must not invalidate anything."""
-    for layer in ("flows", "operators", "schemas", "serving", "storage"):
-        shutil.copytree(REPO / layer, tmp_path / layer, ignore=shutil.ignore_patterns("__pycache__"))
+    for layer in ("prefmill", "flows", "operators", "schemas", "serving", "storage"):  # laid out as installed
+        target = tmp_path / "prefmill" / (layer if layer != "prefmill" else "")
+        shutil.copytree(REPO / layer, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     before = fingerprints(tmp_path)
     assert fingerprints(tmp_path, "flr.prefix_batch=1", "backend=ray", "ray.actors=3", "shard_size=9") == before
-    gates = tmp_path / "operators" / "gates.py"
+    gates = tmp_path / "prefmill" / "operators" / "gates.py"
     gates.write_text(gates.read_text().replace("MIN_WORDS = 4", "MIN_WORDS = 5"))
     after = fingerprints(tmp_path)
     assert after["rollout"] != before["rollout"] and after["critiques"] != before["critiques"]
@@ -147,14 +148,14 @@ def run_doubler(store: ShardStore, models: RunModels) -> tuple[list[Shard], RunR
 
 
 def test_a_rerun_takes_finished_shards_from_the_store_and_opens_no_model(tmp_path, monkeypatch):
-    import flows.pipeline
+    import prefmill.flows.pipeline as pipeline_module
 
     store, pool = ShardStore(tmp_path / "results"), CountingPool()
     shards, result = run_doubler(store, RunModels(PipelineConfig(), pool))
     assert pool.calls == 3 and (result.stages["double"].shards, result.stages["double"].cached) == (3, 0)
     assert [s.tables["doubled"]["x"].to_pylist() for s in shards] == [[0, 2], [4, 6], [8, 10]]
 
-    monkeypatch.setattr(flows.pipeline, "open_pool", lambda cfg: pytest.fail("a cached re-run opened a model"))
+    monkeypatch.setattr(pipeline_module, "open_pool", lambda cfg: pytest.fail("a cached re-run opened a model"))
     again, result = run_doubler(store, RunModels(PipelineConfig()))
     assert (result.stages["double"].shards, result.stages["double"].cached) == (3, 3)
     assert [s.tables for s in again] == [s.tables for s in shards] and [s.digests for s in again] == \

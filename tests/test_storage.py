@@ -12,9 +12,8 @@ import time
 
 import pyarrow as pa
 import pytest
-
-from schemas.tables import PAIRS, SCHEMA_VERSION, SchemaMismatch
-from storage.catalog import Catalog, CatalogError, validate_name
+from prefmill.schemas.tables import PAIRS, SCHEMA_VERSION, SchemaMismatch
+from prefmill.storage.catalog import Catalog, CatalogError, validate_name
 
 
 def pairs(n: int, offset: int = 0) -> pa.Table:
@@ -170,7 +169,7 @@ def test_export_to_a_bad_path_is_a_clear_error_that_leaves_nothing(catalog, tmp_
 
 
 def test_a_failed_write_leaves_neither_a_partial_file_nor_a_tmp(tmp_path):
-    from storage.outputs import replacing
+    from prefmill.storage.outputs import replacing
 
     out = tmp_path / "out.jsonl"
     out.write_text("old")
@@ -182,9 +181,8 @@ def test_a_failed_write_leaves_neither_a_partial_file_nor_a_tmp(tmp_path):
 
 
 def test_export_cli_refuses_overwrites_and_the_catalog_for_every_format(catalog, tmp_path):
+    from prefmill.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     catalog.publish(pairs(2), "pairs")
     existing = tmp_path / "existing.txt"
@@ -204,7 +202,7 @@ PUBLISHER = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_storage import pairs
-from storage.catalog import Catalog
+from prefmill.storage.catalog import Catalog
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 for k in range(3):
@@ -233,7 +231,7 @@ KILLED = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_storage import pairs
-from storage.catalog import Catalog
+from prefmill.storage.catalog import Catalog
 table = pairs(200_000)
 print("ready", flush=True)
 while True:

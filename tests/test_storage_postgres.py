@@ -14,9 +14,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from prefmill.schemas.tables import PAIRS
+from prefmill.storage.catalog import Catalog, CatalogError
 
-from schemas.tables import PAIRS
-from storage.catalog import Catalog, CatalogError
 from tests import pg
 from tests.test_storage import pairs
 
@@ -85,7 +85,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import pyarrow as pa
-from storage.catalog import Catalog
+from prefmill.storage.catalog import Catalog
 from tests.test_storage import pairs
 
 attempts, conflicts = 0, []

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prefmill.schemas.tables import PAIR_EMBEDDINGS, PAIRS, SCHEMA_VERSION
+from prefmill.storage.catalog import Catalog, CatalogError
 
-from schemas.tables import PAIR_EMBEDDINGS, PAIRS, SCHEMA_VERSION
-from storage.catalog import Catalog, CatalogError
 from tests.test_storage import pairs
 
 
@@ -219,7 +219,7 @@ def test_a_failure_inside_the_transaction_leaves_nothing(catalog, monkeypatch):
             raise RuntimeError("no commit message for you")
         return dumps(obj, **kwargs)
 
-    monkeypatch.setattr("storage.catalog.json.dumps", fail_on_snapshot_info)
+    monkeypatch.setattr("prefmill.storage.catalog.json.dumps", fail_on_snapshot_info)
     with pytest.raises(RuntimeError, match="no commit message"):
         catalog.publish_many({"pairs": pairs(3, offset=1), "pair_embeddings": embeddings(3)})
     monkeypatch.undo()
@@ -231,7 +231,7 @@ def test_a_failure_inside_the_transaction_leaves_nothing(catalog, monkeypatch):
 KILLED_BEFORE_COMMIT = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from storage.catalog import Catalog
+from prefmill.storage.catalog import Catalog
 from tests.test_storage import pairs
 Catalog._commit = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 Catalog(sys.argv[1]).publish(pairs(100, offset=1), "pairs")
@@ -264,7 +264,7 @@ def test_cleanup_deletes_files_no_snapshot_references(catalog):
 
 def test_every_data_file_is_flushed_to_disk_before_the_commit_that_references_it(catalog, monkeypatch):
     """A power loss must not leave a committed version pointing at a file that is not all on disk."""
-    import storage.catalog as module
+    import prefmill.storage.catalog as module
 
     flushed: list[str] = []
     real_fsync, real_commit = os.fsync, module.Catalog._commit

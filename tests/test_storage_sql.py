@@ -13,11 +13,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prefmill.flows.cli import app
+from prefmill.storage.catalog import Catalog, CatalogError, SqlLimits
+from prefmill.storage.sql_guard import checked_select, explained
 from typer.testing import CliRunner
 
-from flows.cli import app
-from storage.catalog import Catalog, CatalogError, SqlLimits
-from storage.sql_guard import checked_select, explained
 from tests.test_storage import pairs
 
 
@@ -245,8 +245,9 @@ def test_a_query_stops_at_its_memory_limit(catalog):
 
 
 def test_ctrl_c_stops_a_running_query_at_once(catalog):
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "sql", "SELECT count(*) FROM range(1000000000000)",
-                             "--catalog", str(catalog.root)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "prefmill.flows.cli", "sql",
+                             "SELECT count(*) FROM range(1000000000000)", "--catalog", str(catalog.root)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
     time.sleep(4)  # imports, the extension and the attach take ~2 s
     assert proc.poll() is None, "the query ended by itself"
     sent = time.monotonic()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from operators.streams import run_in_waves, run_requests
-from serving.protocols import Request, Sampling
+from prefmill.operators.streams import run_in_waves, run_requests
+from prefmill.serving.protocols import Request, Sampling
+
 from tests.fakes import ScriptedLM
 
 

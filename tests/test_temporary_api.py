@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys, time
-from flows.runner import start_temporary_api
+from prefmill.flows.runner import start_temporary_api
 print(start_temporary_api(), flush=True)
 time.sleep(600)
 """

@@ -3,11 +3,11 @@ class, a config section in `schemas/config.py`, and its class in `STAGES`."""
 
 from __future__ import annotations
 
-from flows.stages.base import ModelRole, Models, Stage
-from flows.stages.critiques import CritiqueStage
-from flows.stages.rewards import RewardStage
-from flows.stages.rollout import RolloutStage
-from schemas.config import PipelineConfig
+from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.flows.stages.critiques import CritiqueStage
+from prefmill.flows.stages.rewards import RewardStage
+from prefmill.flows.stages.rollout import RolloutStage
+from prefmill.schemas.config import PipelineConfig
 
 STAGES: tuple[type[Stage], ...] = (RolloutStage, RewardStage, CritiqueStage)
 SHARD_INPUTS = ("seeds",)  # what every shard starts with

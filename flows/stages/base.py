@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import pyarrow as pa
+from prefmill.schemas.config import PipelineConfig
 
-from schemas.config import PipelineConfig
-
-REPO_PACKAGES = ("flows", "operators", "schemas", "serving", "storage")
+PACKAGE = "prefmill"
 # the code behind each kind of model role: it shapes the outputs too (sampling parameters, scoring)
-ROLE_MODULES = {"chat": ("serving.engine", "serving.http_client"), "scorer": ("serving.prefix_scorer",)}
+ROLE_MODULES = {"chat": ("prefmill.serving.engine", "prefmill.serving.http_client"),
+                "scorer": ("prefmill.serving.prefix_scorer",)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def imported_modules(root: str) -> set[str]:
         if name in seen or module_path(name) is None:
             continue
         seen.add(name)
-        todo += [m for m in _imports(name) if m.split(".")[0] in REPO_PACKAGES]
+        todo += [m for m in _imports(name) if m.split(".")[0] == PACKAGE]
     return seen
 
 
@@ -100,12 +100,14 @@ def _imports(name: str) -> list[str]:
 
 def module_path(name: str) -> Path | None:
     """The source file of repository module `name`, found without importing it (importing `serving.engine`
-    would load vLLM just to hash a file)."""
-    top, *rest = name.split(".")
-    if top not in REPO_PACKAGES:
+    would load vLLM just to hash a file): from the folder of its layer (`prefmill.<layer>`)."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != PACKAGE:
         return None
-    spec = importlib.util.find_spec(top)
-    base = Path(spec.submodule_search_locations[0]).joinpath(*rest)
+    spec = importlib.util.find_spec(".".join(parts[:2]))
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = Path(spec.submodule_search_locations[0]).joinpath(*parts[2:])
     return next((p for p in (base.with_name(base.name + ".py"), base / "__init__.py") if p.is_file()), None)
 
 

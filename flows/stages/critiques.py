@@ -6,16 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from flows.stages.base import ModelRole, Models, Stage
-from flows.stages.rewards import follow_up_reward
-from operators.critiques import ClaimCritic
-from operators.flr import FollowUpReward
-from operators.pairs import revised_candidates
-from operators.retrieval import DocumentIndex, load_documents
-from operators.selection import top_k_by_reward
-from schemas.config import PipelineConfig, settings
-from schemas.tables import REWARDS
+from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.flows.stages.rewards import follow_up_reward
+from prefmill.operators.critiques import ClaimCritic
+from prefmill.operators.flr import FollowUpReward
+from prefmill.operators.pairs import revised_candidates
+from prefmill.operators.retrieval import DocumentIndex, load_documents
+from prefmill.operators.selection import top_k_by_reward
+from prefmill.schemas.config import PipelineConfig, settings
+from prefmill.schemas.tables import REWARDS
 
 
 @dataclass(frozen=True)

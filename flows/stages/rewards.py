@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from flows.stages.base import ModelRole, Models, Stage
-from operators.flr import DEFAULT_FOLLOWUPS, FollowUpReward, load_followups
-from schemas.config import PipelineConfig
+from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.operators.flr import DEFAULT_FOLLOWUPS, FollowUpReward, load_followups
+from prefmill.schemas.config import PipelineConfig
 
 
 def follow_up_reward(cfg: PipelineConfig) -> FollowUpReward:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from flows.stages.base import ModelRole, Models, Stage
-from operators.candidates import CandidateSampler
-from operators.rollout import Rollout
-from operators.selfchat import SelfChat
-from schemas.config import PipelineConfig, settings
+from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.operators.candidates import CandidateSampler
+from prefmill.operators.rollout import Rollout
+from prefmill.operators.selfchat import SelfChat
+from prefmill.schemas.config import PipelineConfig, settings
 
 
 @dataclass(frozen=True)
