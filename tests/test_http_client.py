@@ -125,9 +125,11 @@ def test_score_over_http_matches_the_in_process_engine(server, model_path, engin
     client = OpenAICompatibleClient(server + "/v1", model_path)
     conversations = [[{"role": "user", "content": "What is the capital of France?"}]] * 2
     continuations = [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks, that helps!"}]
-    for got, want in zip(client.score(conversations, continuations), engine.score(conversations, continuations)):
-        assert len(got) == len(want)
-        assert got == pytest.approx(want, abs=1e-3)
+    got, want = client.score(conversations, continuations), engine.score(conversations, continuations)
+    assert len(want) == 2 and all(want)
+    for got_row, want_row in zip(got, want, strict=True):
+        assert len(got_row) == len(want_row)
+        assert got_row == pytest.approx(want_row, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -20,8 +20,10 @@ def test_pool_matches_the_in_process_engine_for_a_fixed_seed(ray_pool, engine):
 def test_pool_scores_like_the_engine(ray_pool, engine):
     conversations = [[{"role": "user", "content": "What is 2+2?"}]] * 3
     continuations = [{"role": "assistant", "content": t} for t in ("4", "Four.", "It is four.")]
-    for got, want in zip(ray_pool.score(conversations, continuations), engine.score(conversations, continuations)):
-        assert got == pytest.approx(want, abs=1e-4)
+    got, want = ray_pool.score(conversations, continuations), engine.score(conversations, continuations)
+    assert len(want) == 3 and all(want)
+    for got_row, want_row in zip(got, want, strict=True):
+        assert got_row == pytest.approx(want_row, abs=1e-4)
 
 
 def test_split_evenly_keeps_order_and_balance():
