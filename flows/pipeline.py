@@ -34,7 +34,8 @@ from prefmill.operators.pairs import MinedPairs, PairMiner
 from prefmill.operators.seeds import BUILTIN_SEEDS, load_seeds
 from prefmill.schemas.config import PipelineConfig, PoolConfig, settings, validate_pipeline_config
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, SCHEMAS
-from prefmill.serving.hosts import LocalPool, ModelHost, StepRun
+from prefmill.serving.factory import open_pool as serving_pool
+from prefmill.serving.hosts import StepRun
 from prefmill.storage.catalog import Catalog
 from prefmill.storage.shards import ShardStore, StoredShard
 
@@ -317,13 +318,5 @@ def publish(cfg: PipelineConfig, catalog: Catalog, result: RunResult) -> dict[st
 def open_pool(cfg: PipelineConfig) -> Any:
     """The backend's pool: in-process models (`engine`, `http`) or Ray actors holding them (`ray`)."""
     engine = cfg.engine.model_copy(update={"model": cfg.models.assistant})
-    if cfg.backend == "ray":
-        from prefmill.serving.ray_pool import RayEnginePool
-
-        r = cfg.ray
-        return RayEnginePool(PoolConfig(engine=engine, num_actors=r.actors, cpus_per_actor=r.cpus_per_actor,
-                                        gpus_per_actor=r.gpus_per_actor, steps_per_actor=r.steps_per_actor,
-                                        prefix_batch=cfg.flr.prefix_batch, address=r.address),
-                             log_to_driver=False)
-    return LocalPool(ModelHost(engine, url=cfg.url if cfg.backend == "http" else None,
-                               prefix_batch=cfg.flr.prefix_batch))
+    config = PoolConfig(**cfg.ray.model_dump(), engine=engine, prefix_batch=cfg.flr.prefix_batch)
+    return serving_pool(cfg.backend, config, cfg.url)

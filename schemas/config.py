@@ -51,21 +51,6 @@ class EngineConfig(BaseModel):
     seed: int = 0
 
 
-class PoolConfig(BaseModel):
-    """A pool of Ray actors, each hosting one engine."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    engine: EngineConfig = EngineConfig()
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    steps_per_actor: int = Field(default=4, ge=1, description="`run` calls one actor serves at once (threads "
-                                                             "sharing its engine)")
-    prefix_batch: int = Field(default=8, ge=1, description="prefixes per FLR scorer forward pass on an actor")
-    address: str | None = Field(default=None, description="a Ray cluster address; None starts a local runtime")
-
-
 def settings(operator: type, section: BaseModel) -> dict[str, Any]:
     """The values of `section` that the dataclass `operator` takes, by field name: a config section is its
     operator's settings (the operator's defaults are the section's), so a stage copies nothing by hand."""
@@ -182,6 +167,14 @@ class RaySection(_Section):
     gpus_per_actor: float = Field(default=0.0, ge=0.0)
     steps_per_actor: int = Field(default=4, ge=1, description="shard steps an actor runs at once; their requests "
                                                               "share its engine's continuous batch")
+
+
+class PoolConfig(RaySection):
+    """A pool of Ray actors, each hosting the run's models: the `[ray]` settings plus what each actor loads."""
+
+    engine: EngineConfig = EngineConfig()
+    prefix_batch: int = Field(default=FLRSection().prefix_batch, ge=1, description="prefixes per FLR scorer "
+                                                                                   "forward pass on an actor")
 
 
 class PipelineConfig(_Section):

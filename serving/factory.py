@@ -1,6 +1,9 @@
-"""Open a `LanguageModel` by backend name: in-process engine, Ray actor pool, or an HTTP server."""
+"""The one place a backend name is turned into models: a `LanguageModel` (`open_model`, for `prefmill chat` and
+a host's engines) or a pool that runs pipeline stages next to the models (`open_pool`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from prefmill.schemas.config import EngineConfig, PoolConfig
 from prefmill.serving.protocols import LanguageModel
@@ -19,7 +22,7 @@ def open_model(spec: str, backend: str = "engine", actors: int = 1, address: str
     if backend == "ray":
         from prefmill.serving.ray_pool import RayEnginePool
 
-        return RayEnginePool(PoolConfig(engine=config, num_actors=actors, address=address))
+        return RayEnginePool(PoolConfig(engine=config, actors=actors, address=address))
     if backend == "http":
         if not url:
             raise ValueError("backend 'http' needs --url, e.g. http://127.0.0.1:8000/v1")
@@ -27,3 +30,17 @@ def open_model(spec: str, backend: str = "engine", actors: int = 1, address: str
 
         return OpenAICompatibleClient(url, spec)
     raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+def open_pool(backend: str, config: PoolConfig, url: str | None = None) -> Any:
+    """Where stages run: a pool of Ray actors holding the models (`ray`), else this process's `ModelHost`,
+    whose engines are in process (`engine`) or clients of the server at `url` (`http`)."""
+    if backend == "ray":
+        from prefmill.serving.ray_pool import RayEnginePool
+
+        return RayEnginePool(config, log_to_driver=False)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    from prefmill.serving.hosts import LocalPool, ModelHost
+
+    return LocalPool(ModelHost(config.engine, url=url if backend == "http" else None, prefix_batch=config.prefix_batch))

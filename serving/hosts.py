@@ -120,15 +120,12 @@ class ModelHost:
         return MeteredModel(model, meter or self.meter)
 
     def _open(self, spec: str) -> LanguageModel:
-        if self.url:
-            from prefmill.serving.http_client import OpenAICompatibleClient
+        from prefmill.serving.factory import open_model
 
-            return OpenAICompatibleClient(self.url, spec)
-        from prefmill.serving.engine import VLLMEngine
-
-        engine = VLLMEngine(self.engine_config.model_copy(update={"model": spec}))
-        self._owned.append(engine)
-        return engine
+        model = open_model(spec, "http" if self.url else "engine", url=self.url, engine=self.engine_config)
+        if not self.url:
+            self._owned.append(model)
+        return model
 
     def scorer(self, spec: str, meter: Meter | None = None) -> ContinuationScorer:
         with self._lock:

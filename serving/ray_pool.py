@@ -106,7 +106,7 @@ class _ModelActor:
 
 
 class RayEnginePool:
-    """A `LanguageModel` whose work is spread over `config.num_actors` Ray actors."""
+    """A `LanguageModel` whose work is spread over `config.actors` Ray actors."""
 
     def __init__(self, config: PoolConfig = PoolConfig(), log_to_driver: bool = True):
         # a local Ray runtime started here, and this pool's actors, end with this process even on kill -9 (Ray
@@ -120,7 +120,7 @@ class RayEnginePool:
                                  max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
                                  max_concurrency=config.steps_per_actor)(_ModelActor)
         self.actors = [actor_class.remote(_actor_engine_config(config, k), config.prefix_batch)
-                       for k in range(config.num_actors)]
+                       for k in range(config.actors)]
         self.start_seconds = ray.get([a.ready.remote() for a in self.actors])
         self._idle: queue.Queue = queue.Queue()
         for _ in range(config.steps_per_actor):  # round-robin slots: work spreads over actors first
@@ -164,7 +164,7 @@ def _actor_engine_config(config: PoolConfig, index: int) -> EngineConfig:
     if config.address or config.gpus_per_actor or config.engine.cpu_cores:
         return config.engine
     cores = sorted(os.sched_getaffinity(0))
-    mine = split_evenly(cores, config.num_actors)[index] or cores
+    mine = split_evenly(cores, config.actors)[index] or cores
     return config.engine.model_copy(update={"cpu_cores": ",".join(map(str, mine))})
 
 

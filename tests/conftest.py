@@ -67,7 +67,7 @@ def ray_pool(make_ray_pool):
     memory to NUMA node 0, which is smaller than the machine's RAM)."""
     from prefmill.schemas.config import PoolConfig
 
-    return make_ray_pool(PoolConfig(num_actors=2))
+    return make_ray_pool(PoolConfig(actors=2))
 
 
 @pytest.fixture(scope="session")

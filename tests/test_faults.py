@@ -46,7 +46,7 @@ def one_actor_pool(make_ray_pool):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import the tests folder
-    return make_ray_pool(PoolConfig(num_actors=1))
+    return make_ray_pool(PoolConfig(actors=1))
 
 
 def _kill_when_holding(marks: Path, killed: dict) -> None:

@@ -53,7 +53,7 @@ from prefmill.schemas.config import EngineConfig, PoolConfig
 from prefmill.serving.ray_pool import RayEnginePool
 
 if __name__ == "__main__":
-    pool = RayEnginePool(PoolConfig(num_actors=1, engine=EngineConfig(max_model_len=512)), log_to_driver=False)
+    pool = RayEnginePool(PoolConfig(actors=1, engine=EngineConfig(max_model_len=512)), log_to_driver=False)
     noted = [[p.pid, p.create_time(), p.name()] for p in psutil.Process().children(recursive=True)]
     print(json.dumps(noted), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
