@@ -39,16 +39,19 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = DEFAULT_MODEL
+    model: str = Field(default=DEFAULT_MODEL, description="model spec the engine serves (`prefmill run` sets it to "
+                                                          "models.assistant)")
     dtype: str | None = Field(default=None, description="None: float32 on CPU (no bf16 units here), bfloat16 on GPU")
-    max_model_len: int = 4096
+    max_model_len: int = Field(default=4096, description="context window in tokens; a request whose prompt + "
+                                                     "max_tokens exceeds it is answered `prompt_too_long`")
     kv_cache_fraction: float | None = Field(default=None, description="share of GPU memory the engine may take")
     cpu_kv_cache_gib: float = Field(default=1.0, description="KV-cache size on CPU, in GiB")
     cpu_cores: str | None = Field(default=None, description="cores the CPU engine binds, e.g. '0-1'; None: all")
     enforce_eager: bool | None = Field(default=None, description="skip graph compilation; True on CPU")
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 256
-    seed: int = 0
+    tensor_parallel_size: int = Field(default=1, description="GPUs one engine spreads the model over (with backend "
+                                                            "ray, set ray.gpus_per_actor to the same)")
+    max_num_seqs: int = Field(default=256, description="most sequences in one engine step (the continuous batch)")
+    seed: int = Field(default=0, description="the engine's seed (requests carry seeds of their own)")
 
 
 def settings(operator: type, section: BaseModel) -> dict[str, Any]:
@@ -73,6 +76,8 @@ class _Section(BaseModel):
 
 
 class SeedsSection(_Section):
+    """Where the seed questions come from."""
+
     path: str | None = Field(default=None, description="seed file (.jsonl/.csv/.parquet); None: the built-in set")
     limit: int | None = Field(default=None, ge=1, description="use the first `limit` seeds; None: all")
 
@@ -80,11 +85,12 @@ class SeedsSection(_Section):
 class ModelsSection(_Section):
     """Model specs (see `prefmill models`); simulator, scorer and critic default to the assistant."""
 
-    assistant: str = DEFAULT_MODEL
-    simulator: str | None = None
-    scorer: str | None = None
-    critic: str | None = None
-    embedder: str = "all-minilm-l6-v2"
+    assistant: str = Field(default=DEFAULT_MODEL, description="the model whose replies become the pairs")
+    simulator: str | None = Field(default=None, description="plays the user in self-chat; None: the assistant")
+    scorer: str | None = Field(default=None, description="scores follow-up likelihoods (FLR); None: the assistant")
+    critic: str | None = Field(default=None, description="splits, judges and revises claims; None: the assistant")
+    embedder: str = Field(default="all-minilm-l6-v2", description="sentence-transformers model for dedup (the "
+                                                                  "packaged all-MiniLM-L6-v2, a folder or a hub id)")
 
     def resolved(self) -> dict[str, str]:
         """Every role's model spec, defaults filled in."""
@@ -94,77 +100,105 @@ class ModelsSection(_Section):
 
 
 class SelfChatSection(_Section):
-    max_turns: int = Field(default=2, ge=1)
-    token_budget: int = Field(default=1024, ge=1)
-    max_tokens_per_turn: int = Field(default=96, ge=1)
-    simulator_max_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    seed: int = 0
+    """User-simulator self-chat: a simulated user and the assistant take turns from each seed question."""
+
+    max_turns: int = Field(default=2, ge=1, description="assistant replies per conversation at most")
+    token_budget: int = Field(default=1024, ge=1, description="generated tokens per conversation (both roles) "
+                                                              "at most; the conversation ends when spent")
+    max_tokens_per_turn: int = Field(default=96, ge=1, description="tokens of one assistant reply at most")
+    simulator_max_tokens: int = Field(default=64, ge=1, description="tokens of one simulated-user turn at most")
+    temperature: float = Field(default=0.7, ge=0.0, description="sampling temperature of both roles")
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="nucleus sampling of both roles")
+    seed: int = Field(default=0, description="base sampling seed; each turn and role derives its own from it")
 
 
 class CandidatesSection(_Section):
+    """The candidate replies sampled for each context (the replies pairs are mined from)."""
+
     n: int = Field(default=4, ge=2, description="replies per context (a pair needs two)")
-    temperature: float = Field(default=0.7, ge=0.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=96, ge=1)
-    seed: int = 0
-    contexts: Literal["last", "all"] = "last"
+    temperature: float = Field(default=0.7, ge=0.0, description="sampling temperature of the candidates")
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="nucleus sampling of the candidates")
+    max_tokens: int = Field(default=96, ge=1, description="tokens of one candidate reply at most")
+    seed: int = Field(default=0, description="sample k of a context uses seed + k")
+    contexts: Literal["last", "all"] = Field(default="last", description="which prefixes of a conversation get "
+                                                                        "candidates: the last user turn, or every "
+                                                                        "prefix ending in a user turn")
 
 
 class FLRSection(_Section):
-    aggregation: Literal["mean", "sum"] = "mean"
+    """Follow-up likelihood rewards: how likely a satisfied vs a dissatisfied user follow-up is after a reply."""
+
+    aggregation: Literal["mean", "sum"] = Field(default="mean", description="a follow-up's log-likelihood: "
+                                                                           "mean per token, or the sum")
     followups: str | None = Field(default=None, description="follow-up set JSON; None: the built-in set")
-    max_tokens: int = Field(default=4096, ge=16)
+    max_tokens: int = Field(default=4096, ge=16, description="tokens of one scored sequence (context + reply + "
+                                                             "follow-up) at most; a longer context is cut from "
+                                                             "the left")
     prefix_batch: int = Field(default=8, ge=1, description="prefixes per scorer forward pass (speed and memory "
                                                            "only: not part of the config hash)")
 
 
 class CritiquesSection(_Section):
-    enabled: bool = True
+    """Claim-level critiques (FenCE-style): claims judged against evidence, flagged ones revised."""
+
+    enabled: bool = Field(default=True, description="false: no critique stage, pairs ranked by FLR alone")
     rounds: int = Field(default=1, ge=0, le=5, description="revision rounds after the first judgement")
     select: Literal["all", "top_k"] = Field(default="top_k", description="critique every candidate or the "
                                                                          "top_k per context by FLR reward")
-    top_k: int = Field(default=2, ge=1)
-    evidence_k: int = Field(default=2, ge=0)
+    top_k: int = Field(default=2, ge=1, description="candidates per context critiqued (with select = top_k)")
+    evidence_k: int = Field(default=2, ge=0, description="passages retrieved from `documents` per claim")
     documents: str | None = Field(default=None, description="folder of .txt/.md passages to retrieve evidence "
                                                             "from (BM25), besides each seed's own documents")
-    max_tokens: int = Field(default=256, ge=16)
+    max_tokens: int = Field(default=256, ge=16, description="tokens of one critic answer at most (claims, verdict "
+                                                            "or revision)")
     max_evidence_tokens: int = Field(default=2048, ge=64, description="evidence per claim is narrowed to its "
                                                                       "most relevant passages within this many tokens")
-    seed: int = 0
+    seed: int = Field(default=0, description="sampling seed of the critic's calls")
 
 
 class PairsSection(_Section):
-    strategy: Literal["best_worst", "best_vs_random_lower", "all_above_margin"] = "best_worst"
-    flr_weight: float = Field(default=1.0, ge=0.0)
+    """Pair mining: composite scores per context and the chosen/rejected strategy."""
+
+    strategy: Literal["best_worst", "best_vs_random_lower", "all_above_margin"] = Field(
+        default="best_worst", description="best_worst: best vs worst per context; best_vs_random_lower: best vs a "
+                                          "random lower-scored reply; all_above_margin: every pair over min_margin, "
+                                          "largest margins first")
+    flr_weight: float = Field(default=1.0, ge=0.0, description="weight of the FLR reward in the composite score")
     factuality_weight: float = Field(default=1.0, ge=0.0, description="ignored (0) when critiques are off")
-    normalization: str = "pooled"
-    min_margin: float = Field(default=0.25, ge=0.0)
-    max_pairs_per_context: int = Field(default=3, ge=1)
-    seed: int = 0
+    normalization: str = Field(default="pooled", description="pooled: centred per context, scaled by the run's "
+                                                             "pooled spread; context: a z-score per context; none")
+    min_margin: float = Field(default=0.25, ge=0.0, description="a context whose best margin is lower gives no "
+                                                                "pair (a pair_rejects row)")
+    max_pairs_per_context: int = Field(default=3, ge=1, description="pairs per context at most "
+                                                                   "(all_above_margin)")
+    seed: int = Field(default=0, description="seeds the random lower reply of best_vs_random_lower, per context")
 
 
 DedupOn = Literal["pair", "prompt"]
 
 
 class DedupSection(_Section):
+    """Exact and embedding dedup of new pairs against each other and every published pair."""
+
     threshold: float = Field(default=0.9, gt=0.0, le=1.0, description="cosine similarity of two prompts that "
                                                                       "counts as a duplicate")
     reply_threshold: float = Field(default=0.85, gt=0.0, le=1.0,
                                    description="cosine similarity of two chosen replies that counts as a "
                                                "duplicate (with dedup.on = pair); an edited or reordered reply "
                                                "sits lower than a reworded prompt")
-    neighbors: int = Field(default=16, ge=1)
+    neighbors: int = Field(default=16, ge=1, description="nearest neighbours searched per pair in the index")
     on: DedupOn = Field(default="pair", description="pair: a duplicate has a similar prompt and a similar chosen "
                                                     "reply; prompt: a similar prompt alone, whatever it answers")
 
 
 class RaySection(_Section):
+    """The Ray actor pool of `backend = "ray"`: each actor holds the run's models."""
+
     address: str | None = Field(default=None, description="a Ray cluster to join; None: a local runtime")
     actors: int = Field(default=1, ge=1, description="model actors (each loads the models once per run)")
-    cpus_per_actor: float = Field(default=1.0, gt=0.0)
-    gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs Ray reserves for each actor")
+    gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs Ray reserves for each actor (1: one actor "
+                                                                   "per GPU)")
     steps_per_actor: int = Field(default=4, ge=1, description="shard steps an actor runs at once; their requests "
                                                               "share its engine's continuous batch")
 
@@ -190,14 +224,18 @@ class PipelineConfig(_Section):
     dedup: DedupSection = DedupSection()
     dataset: str = Field(default="pairs", pattern=r"^[a-z][a-z0-9_]{0,40}$", description="name of the pairs dataset")
     shard_size: int = Field(default=4, ge=1, description="seeds per shard (the unit of fan-out and resume)")
-    backend: Literal["engine", "ray", "http"] = "engine"
+    backend: Literal["engine", "ray", "http"] = Field(default="engine", description="where the model work runs: "
+                                                                                   "engine in process, ray on Ray "
+                                                                                   "actors, http on a server at url")
     url: str | None = Field(default=None, description="OpenAI-compatible server (backend http)")
     ray: RaySection = RaySection()
     engine: EngineConfig = EngineConfig()
-    catalog: str | None = Field(default=None, description="catalog folder; None: $PREFMILL_HOME/catalog")
+    catalog: str | None = Field(default=None, description="catalog folder, or a PostgreSQL target (postgres:…); "
+                                                          "None: $PREFMILL_HOME/catalog")
     result_storage: str | None = Field(default=None, description="where shard results persist (resume); "
                                                                  "None: $PREFMILL_HOME/results")
-    run_id: str | None = Field(default=None, description="None: derived from the config hash and the seeds")
+    run_id: str | None = Field(default=None, description="the id in lineage and pair rows; None: a hash of the "
+                                                         "config, the seeds and (deployments) the scheduled time")
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> PipelineConfig:
