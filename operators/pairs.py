@@ -17,8 +17,8 @@ Strategies (a pair is kept only at or above `min_margin`):
 Chosen and rejected are never the same text: identical replies are merged before mining. A context
 that cannot give a pair, and a candidate that cannot compete, becomes a `pair_rejects` row with the
 reason; a context whose candidates were never sampled because it does not fit the model's context window
-is one `prompt_too_long` row. Each pair keeps SPPO-style soft labels: P[i][j] = σ(s_i − s_j); `chosen_win_prob` =
-P[chosen][rejected]; each side's mean win probability over the other replies of the context.
+is one `prompt_too_long` row. Each pair keeps SPPO-style soft labels: `P[i][j] = σ(s_i − s_j)`; `chosen_win_prob` =
+`P[chosen][rejected]`; each side's mean win probability over the other replies of the context.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class PairMiner:
 
 
 def win_prob(s_i: float, s_j: float) -> float:
-    """SPPO's P[i][j] = σ(s_i − s_j): how likely reply i beats reply j."""
+    """SPPO's `P[i][j] = σ(s_i − s_j)`: how likely reply i beats reply j."""
     return 1.0 / (1.0 + math.exp(s_j - s_i))
 
 
