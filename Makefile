@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_HOME ?= $(PREFMILL_HOME)/prefect
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint docs clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff==0.17.6
 	$(BIN)/ruff check .
+
+# the docs site (mkdocs.yml) at http://127.0.0.1:8000; `$(BIN)/python docs/hooks.py` rewrites docs/configuration.md
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) .prefmill
