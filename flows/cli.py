@@ -30,6 +30,10 @@ def _fail(message: str, code: int = 2) -> None:
 FORMATS = ("table", "csv", "json", "parquet")  # of `prefmill sql`
 DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.toml"
 SetOption = typer.Option([], "--set", help="override a config key, e.g. --set selfchat.max_turns=3 (repeatable)")
+SummaryOption = typer.Option(None, "--summary-json", metavar="FILE",
+                             help="also write the run summary as JSON to FILE once the run finished (run id, "
+                                  "config hash, per stage: shards, cached, seconds, requests, tokens; rows per "
+                                  "table; versions)")
 
 
 @app.command()
@@ -39,10 +43,11 @@ def run(
     catalog: Optional[Path] = CatalogOption,
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster (backend ray)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show engine, Ray and Prefect logs"),
+    summary_json: Optional[Path] = SummaryOption,
 ) -> None:
     """Run the pipeline as a Prefect flow: seeds → self-chat + candidates → FLR → critiques → pairs → dedup →
     one published snapshot. Finished shards are reused when the same config runs again."""
-    _run(config, set_, catalog, ray_address, verbose)
+    _run(config, set_, catalog, ray_address, verbose, summary_json)
 
 
 @app.command()
@@ -50,13 +55,14 @@ def demo(
     set_: list[str] = SetOption,
     catalog: Optional[Path] = CatalogOption,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show engine, Ray and Prefect logs"),
+    summary_json: Optional[Path] = SummaryOption,
 ) -> None:
     """`prefmill run` on the demo config: 8 built-in seeds on the embedded model (flows/configs/demo.toml)."""
-    _run(DEMO_CONFIG, set_, catalog, None, verbose)
+    _run(DEMO_CONFIG, set_, catalog, None, verbose, summary_json)
 
 
 def _run(config: Path | None, overrides: list[str], catalog: Path | None, ray_address: str | None,
-         verbose: bool) -> None:
+         verbose: bool, summary_json: Path | None = None) -> None:
     from prefmill.flows.runner import PrefectApiLost, PrefectApiUnreachable, run_command
     from prefmill.operators.flr import FollowUpFileError
     from prefmill.operators.seeds import SeedFileError
@@ -65,7 +71,7 @@ def _run(config: Path | None, overrides: list[str], catalog: Path | None, ray_ad
     extra = [f"catalog={json.dumps(str(catalog))}"] if catalog else []
     extra += [f"ray.address={json.dumps(ray_address)}", "backend=ray"] if ray_address else []
     try:
-        run_command(config, [*extra, *overrides], console, verbose)
+        run_command(config, [*extra, *overrides], console, verbose, summary_json)
     except (ConfigError, SeedFileError, FollowUpFileError, PrefectApiUnreachable) as exc:
         _fail(str(exc))  # nothing started
     except PrefectApiLost as exc:

@@ -51,6 +51,18 @@ def counts(result: RunResult, dataset: str) -> dict[str, int]:
     return out
 
 
+def summary_dict(result: RunResult, dataset: str) -> dict:
+    """The run summary as plain data, for scripts (`prefmill run --summary-json`): the stage table with each
+    stage's own wall seconds, each step's wall seconds (pairs, dedup and publish too), the rows per table,
+    the published versions and the run's wall seconds."""
+    return {"run_id": result.run_id, "config_hash": result.config_hash,
+            "already_published": result.already_published,
+            "stages": {row.pop("stage"): row for row in stage_rows(result)},
+            "step_wall_s": {step: round(seconds, 1) for step, seconds in result.stage_wall.items()},
+            "counts": counts(result, dataset), "versions": result.versions,
+            "wall_s": round(result.wall_seconds, 1)}
+
+
 def distributions(pairs: pa.Table) -> dict[str, list[float]]:
     """The score columns a user checks first, over the published pairs (nulls left out)."""
     names = {"FLR reward (chosen)": "chosen_reward", "FLR reward (rejected)": "rejected_reward",

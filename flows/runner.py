@@ -8,6 +8,7 @@ import time, and Ray actors inherit it); `verbose` leaves every engine log on.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -18,7 +19,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from prefmill.schemas.config import PipelineConfig, load_pipeline_config
+from prefmill.flows.stages import build_stages
+from prefmill.schemas.config import ConfigError, PipelineConfig, load_pipeline_config
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,7 +42,6 @@ QUIET_ENV = {
 # printed "database is locked" tracebacks
 DEFAULT_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HUB_OFFLINE": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-STAGE_LABELS = {"rollout": "self-chat + candidates", "rewards": "FLR rewards", "critiques": "critiques + revision"}
 
 
 class PrefectApiUnreachable(Exception):
@@ -69,14 +70,17 @@ def configure_environment(verbose: bool) -> None:
         logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
 
 
-def run_command(config_path: Path | None, overrides: Sequence[str], console: Console, verbose: bool = False):
+def run_command(config_path: Path | None, overrides: Sequence[str], console: Console, verbose: bool = False,
+                summary_json: Path | None = None):
     """Run the pipeline for the config file + overrides and print the summary; returns the `RunResult`.
+    With `summary_json`, the summary also goes to that file as JSON (written only when the run finished).
     Raises `ConfigError` before anything starts when the config is invalid."""
     cfg = load_pipeline_config(config_path, overrides)
+    check_summary_path(summary_json)
     seeds = check_input_files(cfg)
     configure_environment(verbose)
     from prefmill.flows.pipeline import pipeline_flow
-    from prefmill.flows.report import print_summary
+    from prefmill.flows.report import print_summary, summary_dict
 
     check_prefect_api()
     start_temporary_api()
@@ -98,7 +102,26 @@ def run_command(config_path: Path | None, overrides: Sequence[str], console: Con
     finally:
         flow_log.removeFilter(_no_traceback_for_a_lost_api)
     print_summary(console, cfg, result)
+    if summary_json is not None:
+        write_json(summary_json, summary_dict(result, cfg.dataset))
     return result
+
+
+def check_summary_path(path: Path | None) -> None:
+    """Fail before anything starts when the summary file could not be written at the end; remove an old one,
+    so a run that fails leaves no summary that a script could take for this run's."""
+    if path is None:
+        return
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--summary-json {path}: not a file in a folder that exists and can be written")
+    path.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON in `path`, through a temporary file: a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def check_prefect_api() -> None:
@@ -278,8 +301,7 @@ class stage_progress:
     def __init__(self, console: Console, cfg: PipelineConfig):
         self.progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("shards"), TimeElapsedColumn(), console=console)
-        stages = ["rollout", "rewards"] + (["critiques"] if cfg.critiques.enabled else [])
-        self.bars = {s: self.progress.add_task(STAGE_LABELS[s], total=None) for s in stages}
+        self.bars = {s.name: self.progress.add_task(s.label or s.name, total=None) for s in build_stages(cfg)}
 
     def __enter__(self):
         self.progress.start()

@@ -98,12 +98,17 @@ class HeldRun:
         return self.log.read_text()
 
     def rerun(self) -> str:
-        """The same command again against the (restarted) server: its output; it must succeed."""
+        """The same command again against the (restarted) server: its output; it must succeed. Its summary
+        goes to `summary`."""
         if self.server is None:
             self.start_api()
-        done = run(self.env, [str(BIN / "prefmill"), "run", str(self.config)])
+        done = run(self.env, [str(BIN / "prefmill"), "run", str(self.config), "--summary-json", str(self.summary)])
         assert done.returncode == 0, done.stdout[-4000:]
         return done.stdout
+
+    @property
+    def summary(self) -> Path:
+        return self.config.with_name("summary.json")
 
     def close(self) -> None:
         if self.run is not None and self.run.poll() is None:
@@ -166,7 +171,8 @@ def test_a_run_outlives_a_prefect_api_restart_or_resumes_and_publishes_once(held
         assert [r["state_type"] for r in runs] == ["COMPLETED"]
     else:
         assert first.strip().splitlines()[-1].startswith("error: "), first[-3000:]  # one clear line, no traceback
-        counts = stage_counts(held.rerun())
+        held.rerun()
+        counts = stage_counts(held.summary)
         print(f"re-run stages (shards, cached, requests): {counts}")
         assert counts["rollout"][1] >= 1  # the shard finished before the restart is served from the cache
     published_once(held.config)
@@ -199,7 +205,8 @@ def test_a_run_whose_prefect_api_stays_down_stops_clearly_and_the_same_command_t
         assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "RUNNING"]  # as the error line says
     else:
         assert "nothing was published" in last and not published, published
-        counts = stage_counts(held.rerun())
+        held.rerun()
+        counts = stage_counts(held.summary)
         print(f"re-run stages (shards, cached, requests): {counts}")
         assert counts["rollout"][1] >= 1  # the shard finished before the API went down is served from the cache
     published_once(held.config)

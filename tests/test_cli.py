@@ -101,6 +101,32 @@ def test_run_against_a_prefect_api_that_is_down_fails_in_one_line_before_anythin
     assert time.monotonic() - started < 60 and not (tmp_path / "catalog").exists()
 
 
+def test_run_refuses_a_summary_file_it_could_not_write_before_anything_starts(tmp_path):
+    started = time.monotonic()
+    summary = tmp_path / "missing" / "summary.json"
+    result = run("run", "--catalog", str(tmp_path / "catalog"), "--summary-json", str(summary), check=False)
+    assert result.returncode == 2
+    assert result.stdout.strip().splitlines() == [f"error: --summary-json {summary}: not a file in a folder that "
+                                                  "exists and can be written"], result.stdout + result.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "catalog").exists()
+
+
+def test_the_summary_json_is_the_stage_table_counts_and_versions_as_plain_data():
+    import pyarrow as pa
+    from prefmill.flows.report import summary_dict
+    from prefmill.flows.results import RunResult, StageStats
+
+    stats = StageStats(shards=2, cached=1, seconds=3.0, requests=5, tokens=40, spans=[(0.0, 2.0)])
+    result = RunResult("r1", "c1", stages={"rollout": stats}, tables={"pairs": pa.table({"x": [1, 2]})},
+                       versions={"pairs": 3}, wall_seconds=9.87, stage_wall={"rollout": 2.5, "publish": 0.31})
+    assert json.loads(json.dumps(summary_dict(result, "pairs"))) == {
+        "run_id": "r1", "config_hash": "c1", "already_published": False,
+        "stages": {"rollout": {"shards": 2, "cached": 1, "compute_s": 3.0, "wall_s": 2.5, "requests": 5,
+                               "tokens": 40, "tokens_per_s": 20.0}},
+        "step_wall_s": {"rollout": 2.5, "publish": 0.3}, "counts": {"pairs": 2}, "versions": {"pairs": 3},
+        "wall_s": 9.9}
+
+
 @pytest.mark.parametrize("configured", ["http://LOCALHOST:80/api", "http://localhost/api/"])
 def test_a_connection_error_is_recognised_as_the_prefect_apis_however_its_url_is_written(configured):
     """httpx writes a request's URL lower-cased and without a default port; PREFECT_API_URL may not be."""
@@ -126,9 +152,13 @@ def test_run_shows_progress_and_a_summary_without_engine_logs(tmp_path, model_pa
     result = run("run", "--set", "seeds.limit=1", "--set", "selfchat.max_turns=1", "--set", "candidates.n=2",
                  "--set", "candidates.max_tokens=32", "--set", "selfchat.max_tokens_per_turn=32",
                  "--set", "critiques.enabled=false", "--set", f'result_storage="{tmp_path / "results"}"',
-                 "--catalog", str(catalog))
+                 "--catalog", str(catalog), "--summary-json", str(tmp_path / "summary.json"))
     out = result.stdout + result.stderr
     assert "self-chat + candidates" in out and "FLR rewards" in out
     assert "prefmill sql" in out and "tok/s" in out
     assert " INFO " not in out and "Traceback" not in out
-    assert Catalog(catalog).versions("pairs")[-1].lineage["run_id"]
+    pairs = Catalog(catalog).versions("pairs")[-1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run_id"] == pairs.lineage["run_id"] and summary["versions"]["pairs"] == pairs.version
+    assert list(summary["stages"]) == ["rollout", "rewards"] and summary["counts"]["pairs"] == pairs.row_count
+    assert summary["stages"]["rollout"]["tokens"] > 0 and not summary["already_published"]

@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -61,8 +60,6 @@ MIN_CACHED = {"selfchat": {"rollout": 1, "rewards": 0}, "scoring": {"rollout": 1
               "publish": {}}
 # the file where a killed run notes the processes it started (in its environment)
 CHILDREN_ENV = "PREFMILL_TEST_CHILDREN"
-STAGE_ROW = re.compile(r"^\W*(rollout|rewards)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*[\d.–]+\s*│\s*[\d.–]+\s*│\s*(\d+)\s*│",
-                       re.MULTILINE)
 
 
 def die() -> None:
@@ -159,17 +156,18 @@ def run(env: dict[str, str], args: list[str], timeout: float = 600,
 
 
 def prefmill_run(env: dict[str, str], config: Path) -> dict[str, tuple[int, int, int]]:
-    """`prefmill run CONFIG`; each LLM stage's (shards, cached, engine requests) from its summary."""
-    done = run(env, [str(BIN / "prefmill"), "run", str(config)])
+    """`prefmill run CONFIG`; each LLM stage's (shards, cached, engine requests) from its `--summary-json`."""
+    summary = config.with_name("summary.json")
+    done = run(env, [str(BIN / "prefmill"), "run", str(config), "--summary-json", str(summary)])
     assert done.returncode == 0, done.stdout[-4000:]
-    return stage_counts(done.stdout)
+    return stage_counts(summary)
 
 
-def stage_counts(out: str) -> dict[str, tuple[int, int, int]]:
-    """Each LLM stage's (shards, cached, engine requests) from a run's printed summary."""
-    stages = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in STAGE_ROW.finditer(out)}
-    assert set(stages) == {"rollout", "rewards"}, out[-4000:]
-    return stages
+def stage_counts(summary: Path) -> dict[str, tuple[int, int, int]]:
+    """Each LLM stage's (shards, cached, engine requests) from a run's `--summary-json` file."""
+    stages = json.loads(summary.read_text())["stages"]
+    assert set(stages) == {"rollout", "rewards"}, stages
+    return {name: (row["shards"], row["cached"], row["requests"]) for name, row in stages.items()}
 
 
 def pair_hashes(catalog: Path) -> set[str]:
@@ -203,10 +201,12 @@ def test_a_run_killed_mid_stage_resumes_to_the_uninterrupted_pairs(point, env, r
     ref_stages, ref_pairs, ref_results = reference
     if point in AFTER_LLM:  # every LLM shard already finished: straight to dedup / publish, no model loads
         shutil.copytree(ref_results, tmp_path / "results")
-    noted = tmp_path / "children.json"
-    killed = run({**env, CHILDREN_ENV: str(noted)}, [sys.executable, "-c", DRIVER, point, "run", str(config)],
+    noted, summary = tmp_path / "children.json", tmp_path / "summary.json"
+    killed = run({**env, CHILDREN_ENV: str(noted)}, [sys.executable, "-c", DRIVER, point, "run", str(config),
+                                                      "--summary-json", str(summary)],
                  after_exit=lambda: assert_all_end(noted, engine_live=point not in AFTER_LLM))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-4000:]
+    assert not summary.exists()  # a summary is written only by a run that finished
     assert_no_pairs_visible(env, catalog)
     if point == "publish":  # the files were written, never committed: orphans the next publish deletes
         assert list((catalog / "data").rglob("*.parquet")) and (catalog / ".publishing").exists()

@@ -1,8 +1,9 @@
 """The stage contract: one step of the pipeline over one shard, next to the models it needs.
 
 A stage is a small frozen dataclass holding its operators' configuration, with
-- `name`, and the tables it `consumes` and `produces` (by name: a shard is a dict of named tables, and a
-  later stage may refine a table an earlier one produced, e.g. candidates plus their critique revisions);
+- `name` (and a `label` for progress bars), and the tables it `consumes` and `produces` (by name: a shard
+  is a dict of named tables, and a later stage may refine a table an earlier one produced, e.g. candidates
+  plus their critique revisions);
 - `roles()`: the models it needs, role → `ModelRole` (spec and kind), so placement can be planned before
   anything loads;
 - `from_config(cfg)`: the stage built from its own config section, or None when the config turns it off;
@@ -51,6 +52,7 @@ class Stage:
     """Base of every stage (mixed into a frozen dataclass)."""
 
     name: ClassVar[str]
+    label: ClassVar[str] = ""  # what a progress bar calls it (default: its name)
     consumes: ClassVar[tuple[str, ...]]
     produces: ClassVar[tuple[str, ...]]
 

@@ -27,6 +27,7 @@ class CritiqueStage(Stage):
     index: DocumentIndex | None = None
 
     name = "critiques"
+    label = "critiques + revision"
     consumes = ("candidates", "rewards", "seeds")
     produces = ("critiques", "candidates", "rewards")
 

@@ -22,6 +22,7 @@ class RewardStage(Stage):
     scorer: str
 
     name = "rewards"
+    label = "FLR rewards"
     consumes = ("candidates",)
     produces = ("rewards",)
 

@@ -19,6 +19,7 @@ class RolloutStage(Stage):
     simulator: str
 
     name = "rollout"
+    label = "self-chat + candidates"
     consumes = ("seeds",)
     produces = ("conversations", "candidates")
 
