@@ -4,7 +4,7 @@ Small sets are searched exactly (`IndexFlatIP`: one BLAS matrix product). From `
 an inverted-file index (`IVF{nlist},Flat`, inner product) trained on a sample of the vectors to be
 indexed: each query scans only the `nprobe` lists nearest to it. Near duplicates (cosine ≥ 0.9) sit in
 the same or a neighbouring list, so a few probes find them. Chosen over usearch's HNSW (also what
-DuckDB's vss extension runs) by measurement on 2 cores: see `bench/dedup.py --compare-index` and README.
+DuckDB's vss extension runs) by measurement on 2 cores: see `bench/dedup.py --compare-index` and docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The bad-input catalogue (issue #12 B.3): every kind of bad input a user can give, and what they see.
 
 Each case is a clear error (what, where, how to fix) or a quarantined row with its reason and `file:line`.
-The README's Troubleshooting table has one line per case. No engine starts here: every check fails before.
+docs/troubleshooting.md has one line per case. No engine starts here: every check fails before.
 """
 
 from __future__ import annotations
