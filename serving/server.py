@@ -14,10 +14,12 @@ from prefmill.serving.engine import engine_kwargs
 
 
 def server_command(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
-    """argv that serves `config.model` with the same device-aware settings as the in-process engine."""
+    """argv that serves `config.model` with the same device-aware settings as the in-process engine, under
+    its spec (the name a `backend = "http"` run asks for) and under its folder."""
     kwargs = engine_kwargs(config)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kwargs.pop("model"),
-           "--host", host, "--port", str(port)]
+    folder = kwargs.pop("model")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+           "--served-model-name", *dict.fromkeys([config.model, folder]), "--host", host, "--port", str(port)]
     for key, value in kwargs.items():
         cmd += server_flag(key, value)
     return cmd

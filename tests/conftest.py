@@ -1,10 +1,15 @@
-"""One vLLM engine and one Ray runtime per test session; everything else is per test."""
+"""One vLLM engine, one `prefmill serve` server and one Ray runtime per test session; everything else is per
+test."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +90,35 @@ def embedder():
     from prefmill.serving.embedder import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder()
+
+
+@pytest.fixture(scope="session")
+def http_server(model_path, tmp_path_factory):
+    """`prefmill serve` of the embedded model on a free port of 127.0.0.1 (for the http backend's tests):
+    its base URL, once it answers /health. Stopped at the end of the session."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("prefmill-serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("prefmill")), "serve", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, f"prefmill serve exited:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail(f"prefmill serve did not come up:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

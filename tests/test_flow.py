@@ -1,7 +1,8 @@
 """The pipeline flow end to end: real vLLM, real Ray, a real (temporary) Prefect API, real DuckLake.
 
-The same test runs on the in-process engine and on Ray actors; the resume test fails a run in a later
-stage and shows the re-run computes only what was not finished (counted in engine requests).
+The same test runs on the in-process engine, on Ray actors and on a `prefmill serve` server (backend http);
+the resume test fails a run in a later stage and shows the re-run computes only what was not finished
+(counted in engine requests).
 """
 
 from __future__ import annotations
@@ -37,10 +38,19 @@ def local_pool(engine):
     return LocalPool(ModelHost(preloaded={"smollm2-135m": engine}))
 
 
-@pytest.mark.parametrize("backend", ["engine", "ray"])
+def backend_pool(backend: str, request) -> tuple[object, list[str]]:
+    """The pool a backend's run uses and its config overrides: the session's engine, the module's Ray actors,
+    or (http) none given, so the run opens its own: a client of the session's `prefmill serve` (its FLR
+    scorer runs in the run's process)."""
+    if backend == "http":
+        return None, [f'url="{request.getfixturevalue("http_server")}/v1"']
+    return request.getfixturevalue({"engine": "local_pool", "ray": "ray_pool"}[backend]), []
+
+
+@pytest.mark.parametrize("backend", ["engine", "ray", "http"])
 def test_the_pipeline_publishes_every_table_in_one_snapshot(backend, tmp_path, request):
-    pool = request.getfixturevalue("local_pool" if backend == "engine" else "ray_pool")
-    cfg = tiny_config(tmp_path, f"backend={backend}", "critiques.rounds=0", "critiques.top_k=1",
+    pool, extra = backend_pool(backend, request)
+    cfg = tiny_config(tmp_path, f"backend={backend}", *extra, "critiques.rounds=0", "critiques.top_k=1",
                       "critiques.max_tokens=96")
     result = run(cfg, pool)
 

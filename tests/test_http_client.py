@@ -1,22 +1,16 @@
-"""The OpenAI-compatible client against a real `vllm serve` process on 127.0.0.1, and against a scripted
-local server for the error answers (which must not wait for a model to load)."""
+"""The OpenAI-compatible client against a real `prefmill serve` process on 127.0.0.1 (conftest's
+`http_server`), and against a scripted local server for the error answers (which must not wait for a model
+to load)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
-from prefmill.schemas.config import EngineConfig
 from prefmill.serving.http_client import OpenAICompatibleClient
 from prefmill.serving.protocols import PROMPT_TOO_LONG, Completion, Sampling
-from prefmill.serving.server import server_command
 
 # what vLLM's server answers a prompt over the window, as it words it now (0.32) and as it used to (0.9)
 TOO_LONG_NOW = {"error": {"message": "This model's maximum context length is 4096 tokens. However, your prompt "
@@ -78,40 +72,9 @@ def test_every_other_error_still_fails_with_its_status(scripted_server, text, st
         client.chat([ask("hi"), ask(text)], Sampling())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    cmd = server_command(EngineConfig(model=model_path), port=port)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, f"vllm serve exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        else:
-            pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
 @pytest.mark.slow
-def test_chat_over_http_gives_n_replies_and_reproduces(server, model_path):
-    client = OpenAICompatibleClient(server + "/v1", model_path)
+def test_chat_over_http_gives_n_replies_and_reproduces(http_server):
+    client = OpenAICompatibleClient(http_server + "/v1", "smollm2-135m")  # served under its spec too
     conversations = [[{"role": "user", "content": "Name a fruit."}], [{"role": "user", "content": "Name a tree."}]]
     sampling = Sampling(n=3, seed=4, max_tokens=20, temperature=1.0)
     first = client.chat(conversations, sampling)
@@ -121,8 +84,8 @@ def test_chat_over_http_gives_n_replies_and_reproduces(server, model_path):
 
 
 @pytest.mark.slow
-def test_score_over_http_matches_the_in_process_engine(server, model_path, engine):
-    client = OpenAICompatibleClient(server + "/v1", model_path)
+def test_score_over_http_matches_the_in_process_engine(http_server, model_path, engine):
+    client = OpenAICompatibleClient(http_server + "/v1", model_path)
     conversations = [[{"role": "user", "content": "What is the capital of France?"}]] * 2
     continuations = [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks, that helps!"}]
     got, want = client.score(conversations, continuations), engine.score(conversations, continuations)
@@ -133,15 +96,15 @@ def test_score_over_http_matches_the_in_process_engine(server, model_path, engin
 
 
 @pytest.mark.slow
-def test_server_errors_are_reported_with_status(server):
-    client = OpenAICompatibleClient(server + "/v1", "no-such-model", tokenizer="smollm2-135m")
+def test_server_errors_are_reported_with_status(http_server):
+    client = OpenAICompatibleClient(http_server + "/v1", "no-such-model", tokenizer="smollm2-135m")
     with pytest.raises(RuntimeError, match="answered 404"):
         client.chat([[{"role": "user", "content": "hi"}]], Sampling(max_tokens=4))
 
 
 @pytest.mark.slow
-def test_a_prompt_over_the_real_servers_window_is_prompt_too_long(server, model_path):
-    client = OpenAICompatibleClient(server + "/v1", model_path)
+def test_a_prompt_over_the_real_servers_window_is_prompt_too_long(http_server, model_path):
+    client = OpenAICompatibleClient(http_server + "/v1", model_path)
     too_long = "1234567890" * 500  # 5,000 digit tokens, over the default 4,096-token window
     short, long = client.chat([ask("Name a fruit."), ask(too_long)], Sampling(n=2, seed=1, max_tokens=8))
     assert all(c.text for c in short) and long == [Completion("", 0, PROMPT_TOO_LONG)] * 2
