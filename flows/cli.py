@@ -186,7 +186,7 @@ def datasets(catalog: Optional[Path] = CatalogOption) -> None:
     table = Table("dataset", "versions", "latest", "rows", "created_at")
     try:
         cat = Catalog(catalog)
-        if not cat.meta_path.exists():
+        if not cat.exists():
             console.print(f"no catalog yet at {cat.location}")
             return
         for latest in cat.datasets():

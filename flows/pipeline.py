@@ -214,7 +214,7 @@ def run_id(cfg: PipelineConfig, seeds: pa.Table, run_key: str) -> str:
 
 
 def find_published(catalog: Catalog, run: str) -> dict[str, int]:
-    if not catalog.meta_path.exists():
+    if not catalog.exists():
         return {}
     return {name: v.version for name, v in catalog.find_run(run).items()}
 
@@ -288,7 +288,7 @@ def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str
     if not pairs.num_rows:  # nothing to embed: no need to load the embedder
         return DedupResult(pairs, PAIR_EMBEDDINGS.empty_table(), DEDUP_REMOVED.empty_table(), 0)
     name = f"{cfg.dataset}_embeddings"
-    known = catalog.meta_path.exists() and name in {v.dataset for v in catalog.datasets()}
+    known = catalog.exists() and name in {v.dataset for v in catalog.datasets()}
     published = catalog.read(name, with_version=True) if known else None  # any other catalog error surfaces
     embedder = SentenceTransformerEmbedder(cfg.models.embedder)
     if published is not None and not has_pair_vectors(published):

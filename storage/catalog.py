@@ -3,16 +3,11 @@
 A publish writes each table as one Parquet file with pyarrow, then registers the files, the lineage rows and
 the snapshot's lineage JSON in one DuckDB transaction (`ducklake_add_data_files`), so one DuckLake snapshot:
 nothing is visible until the metadata commit, and several datasets land in the same snapshot or none.
-A file written but never committed (a crash in between) is an orphan no snapshot references: a marker file
-lives from a publish's first write to its commit, and the next publish that finds it deletes every orphan
-(as does `cleanup()`).
+A file written but never committed (a crash in between) is an orphan no snapshot references.
 
-A DuckDB metadata file admits one writing process at a time, so publishes take an exclusive file lock
-and readers a shared one; concurrent publishers queue and each lands as its own version. A team that
-needs many concurrent writers puts the metadata on PostgreSQL (`storage.postgres`): no file lock, each
-publish commits on its own and a commit that loses a race with another writer is retried. There a dead
-publish's files are removed only by `cleanup()`, and only once they are older than `ORPHAN_AGE`: a younger
-unreferenced file may be another machine's publish between its write and its commit.
+Where the metadata lives (a local `meta.ducklake` file or PostgreSQL for many concurrent writers), how publishes
+exclude each other and when orphans are swept is the business of the catalog's metadata strategy
+(`storage.metadata`); a commit that loses a race with another writer is retried here.
 """
 
 from __future__ import annotations
@@ -34,24 +29,20 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefmill.schemas.config import config_hash, file_lock, prefmill_home
+from prefmill.schemas.config import config_hash
 from prefmill.schemas.tables import conform
 from prefmill.storage.columns import column_definitions, evolve_columns, match_columns
 from prefmill.storage.errors import CatalogError
+from prefmill.storage.metadata import COMMIT_ATTEMPTS, COMMIT_BACKOFF_S, LAKE, is_conflict, metadata_for, quote
 from prefmill.storage.outputs import checked_output, outside, replacing
-from prefmill.storage.postgres import PostgresTarget, parse_target, redact
+from prefmill.storage.postgres import redact
 from prefmill.storage.sql_guard import Explain, SqlLimits, checked_select, duckdb_error, explained, run_bounded, sandbox
 
-__all__ = ["Catalog", "CatalogError", "SqlLimits", "Version", "default_catalog_path", "validate_name"]
+__all__ = ["Catalog", "CatalogError", "SqlLimits", "Version", "validate_name"]
 
-LAKE = "lake"
 LINEAGE_TABLE = "prefmill_lineage"
 AUTHOR = "prefmill"
 ROW_GROUP_ROWS = 122_880
-LINEAGE_INLINE_ROWS = 1000
-COMMIT_ATTEMPTS = 8  # a publish that loses this many commit races in a row fails (DuckLake retries 10x inside each)
-COMMIT_BACKOFF_S = 0.2  # first wait before a retry; doubles each time, with jitter
-ORPHAN_AGE = "1 HOUR"  # on PostgreSQL, an unreferenced file younger than this may be a publish in flight
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -65,10 +56,6 @@ class Version:
     lineage: dict[str, Any]
 
 
-def default_catalog_path() -> Path:
-    return prefmill_home() / "catalog"
-
-
 def validate_name(name: str) -> str:
     """Dataset names are plain identifiers: no paths, no quotes, no SQL."""
     if not isinstance(name, str) or not _NAME.match(name) or name.startswith("prefmill_"):
@@ -79,100 +66,42 @@ def validate_name(name: str) -> str:
     return name
 
 
-def ducklake_extension_path() -> Path:
-    """The ducklake extension binary shipped by the duckdb-extension-ducklake package."""
-    import duckdb_extension_ducklake
-
-    return _extension_file(duckdb_extension_ducklake, "ducklake")
-
-
-def postgres_extension_path() -> Path:
-    """The postgres_scanner extension binary shipped by the duckdb-extension-postgres-scanner package."""
-    try:
-        import duckdb_extension_postgres_scanner
-    except ImportError:
-        raise CatalogError("a PostgreSQL catalog needs the duckdb-extension-postgres-scanner package: pip install "
-                           f"duckdb-extension-postgres-scanner=={duckdb.__version__}") from None
-    return _extension_file(duckdb_extension_postgres_scanner, "postgres_scanner")
-
-
-def _extension_file(package: Any, name: str) -> Path:
-    folder = Path(package.__file__).parent
-    found = sorted(folder.rglob("*.duckdb_extension"))
-    if not found:
-        raise CatalogError(f"no {name} .duckdb_extension file under {folder}")
-    return found[0]
-
-
-@dataclass(frozen=True)
-class PostgresMetadata:
-    """Stands where a local catalog has its `meta.ducklake` Path: `exists()` asks the server whether the lake's
-    metadata tables are there; `str()` is the target with any password hidden."""
-
-    catalog: Catalog
-
-    def exists(self) -> bool:
-        return self.catalog._postgres_lake_exists()
-
-    def __str__(self) -> str:
-        return str(self.catalog.target)
-
-
 class Catalog:
-    """A DuckLake catalog: `meta.ducklake` (DuckDB metadata) plus `data/` (Parquet files) in one folder, or
-    metadata on PostgreSQL (`root` = 'postgres:…' or a 'postgresql://' URL, see `storage.postgres`) with the
-    Parquet files in `data_path` (default: under the prefmill home). `sql_limits` bounds each `sql()` query."""
+    """A DuckLake catalog: Parquet files in `data_path`, metadata where `root` says (see `storage.metadata`): a
+    catalog folder, or PostgreSQL (`root` = 'postgres:…' or a 'postgresql://' URL, see `storage.postgres`) with
+    the data in `data_path` (default: under the prefmill home). `sql_limits` bounds each `sql()` query."""
 
     def __init__(self, root: Path | str | None = None, data_path: Path | str | None = None,
                  sql_limits: SqlLimits | None = None):
-        self.target = parse_target(root)
+        self.metadata = metadata_for(root, data_path)
+        self.root, self.data_path = self.metadata.root, self.metadata.data_path
         self.sql_limits = sql_limits or SqlLimits()
         self._kept: tuple[int, duckdb.DuckDBPyConnection] | None = None
         self._db_lock = threading.Lock()
-        if self.target:
-            self._init_postgres(self.target, data_path)
-            return
-        if data_path is not None:
-            raise CatalogError("data_path is for a PostgreSQL catalog; a catalog folder keeps its data in data/")
-        self.root = Path(root) if root else default_catalog_path()
-        if self.root.exists() and not self.root.is_dir():
-            raise CatalogError(f"catalog {self.root} is a file, not a folder; give --catalog a folder "
-                               "(created when missing)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.meta_path = self.root / "meta.ducklake"
-        self.data_path = self.root / "data"
-        self._lock_path = self.root / ".lock"
-        self._pending_path = self.root / ".publishing"  # exists from a publish's first write to its commit
-        self._extensions = self.root / "extensions"
-
-    def _init_postgres(self, target: PostgresTarget, data_path: Path | str | None) -> None:
-        """Metadata on the server; locally only the data folder. DuckDB's extensions are installed under the
-        prefmill home, not in the data folder: DuckLake's orphan cleanup deletes whatever it finds there."""
-        self.data_path = Path(data_path or target.data_path or target.default_data_path()).expanduser()
-        self.root = self.data_path
-        self.meta_path = PostgresMetadata(self)
-        self._extensions = prefmill_home() / "duckdb-extensions"
 
     @property
     def location(self) -> str:
         """The catalog as error messages name it: its folder, or its PostgreSQL target (password hidden)."""
-        return str(self.target) if self.target else str(self.root)
+        return str(self.metadata)
+
+    def exists(self) -> bool:
+        """Whether the lake is there yet (its first publish creates it), wherever its metadata lives: callers ask
+        this before reading a catalog that may be new, instead of looking at its files."""
+        return self.metadata.exists(self._cursor)
 
     @contextlib.contextmanager
     def connect(self, write: bool = False, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A DuckDB connection with the lake attached as `lake` (read-only unless `write`); `sandboxed` gives a
-        fresh DuckDB instance locked to reading the catalog's own files (see `storage.sql_guard.sandbox`). A
-        PostgreSQL catalog takes no file lock: the server orders the commits of every process."""
-        lock = (contextlib.nullcontext() if self.target
-                else file_lock(self._lock_path, exclusive=write or not self.meta_path.exists()))
-        with lock, self._sandboxed() if sandboxed else self._attached(write) as con:
+        fresh DuckDB instance locked to reading the catalog's own files (see `storage.sql_guard.sandbox`). Held
+        under the metadata's lock (`Metadata.lock`)."""
+        with self.metadata.lock(write), self._sandboxed() if sandboxed else self._attached(write) as con:
             yield con
 
     @contextlib.contextmanager
     def _attached(self, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         """A cursor of this process's kept DuckDB instance, with the lake attached for this call only."""
-        with self._db_lock, contextlib.closing(self._database().cursor()) as con:
-            self._attach(con, write)
+        with self._cursor() as con:
+            self.metadata.attach(con, write)
             con.execute(f"USE {LAKE}")
             try:
                 yield con
@@ -183,14 +112,17 @@ class Catalog:
                 con.execute(f"DETACH {LAKE}")
 
     @contextlib.contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of this process's kept DuckDB instance, one thread at a time."""
+        with self._db_lock, contextlib.closing(self._database().cursor()) as con:
+            yield con
+
+    @contextlib.contextmanager
     def _sandboxed(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A new DuckDB instance: the lake attached read-only, then the instance locked; closed at the end, so
         nothing a query created (temp tables, macros) outlives it. ~0.3 s, mostly loading the extension."""
-        with contextlib.closing(self._new_database()) as con:
-            if self.target:
-                self._attach_postgres(con, write=False, create=False)
-            else:
-                self._attach(con, write=False)
+        with contextlib.closing(self.metadata.new_database()) as con:
+            self.metadata.attach(con, write=False, create=False)
             sandbox(con, self.data_path, self.sql_limits)
             con.execute(f"USE {LAKE}")
             yield con
@@ -209,35 +141,22 @@ class Catalog:
         tables = {validate_name(name): conform(t, schemas[name]) if schemas and schemas.get(name) else t
                   for name, t in tables.items()}
         info = snapshot_info(tables, lineage or {})
-        with self.connect(write=True) as con:
-            if not self.target and self._pending_path.exists():  # the last publish died before its commit
-                self._delete_orphans(con)
+        with self.connect(write=True) as con, self.metadata.publishing(con):
             tables, added = self._fitted(con, tables, set(schemas or {}))
             files = {name: self._new_data_file(name) for name, t in tables.items() if t.num_rows}
-            marker = contextlib.nullcontext() if self.target else self._publishing()
-            with marker:
-                try:
-                    for name, path in files.items():
-                        write_parquet(tables[name], path)
-                    self._commit_retrying(con, tables, files, info, added)
-                except BaseException:
-                    for path in files.values():
-                        path.unlink(missing_ok=True)
-                    raise
+            try:
+                for name, path in files.items():
+                    write_parquet(tables[name], path)
+                self._commit_retrying(con, tables, files, info, added)
+            except BaseException:
+                for path in files.values():
+                    path.unlink(missing_ok=True)
+                raise
             # the snapshot this connection committed: with concurrent writers the newest may be another's
             (snapshot,) = con.execute(f"SELECT id FROM {LAKE}.last_committed_snapshot()").fetchone()
             mine = {v.dataset: v for versions in self._all_versions(con).values() for v in versions
                     if v.version == snapshot}
             return {name: mine[name] for name in tables}
-
-    @contextlib.contextmanager
-    def _publishing(self) -> Iterator[None]:
-        """The marker that says a publish is between its first write and its commit (local catalogs)."""
-        self._pending_path.touch()
-        try:
-            yield
-        finally:
-            self._pending_path.unlink()
 
     def versions(self, dataset: str) -> list[Version]:
         """Every version of `dataset`, oldest first."""
@@ -288,7 +207,7 @@ class Catalog:
         statement = checked_select(query)
         if explain:
             statement = explained(statement, explain)
-        if not self.meta_path.exists():
+        if not self.exists():
             raise CatalogError(f"no catalog yet at {self.location}: publish a dataset first (prefmill run), "
                                "or give --catalog the folder that holds meta.ducklake (or the PostgreSQL "
                                "database that holds the lake's metadata)")
@@ -312,7 +231,7 @@ class Catalog:
             with replacing(target) as tmp:
                 select = f'SELECT * FROM "{dataset}"{_at(version)}'
                 try:
-                    con.execute(f"COPY ({select}) TO '{_quote(tmp)}' {formats[fmt]}")
+                    con.execute(f"COPY ({select}) TO '{quote(tmp)}' {formats[fmt]}")
                 except duckdb.Error as exc:
                     raise CatalogError(f"cannot write {target}: {str(exc).splitlines()[0]}") from None
         return target
@@ -328,9 +247,9 @@ class Catalog:
 
     def cleanup(self) -> list[Path]:
         """Delete the data files no snapshot references (left by a publish that died before its commit); on
-        PostgreSQL only those older than `ORPHAN_AGE`, since other machines may be mid-publish."""
+        PostgreSQL only those older than `storage.metadata.ORPHAN_AGE`, since other machines may be mid-publish."""
         with self.connect(write=True) as con:
-            return self._delete_orphans(con)
+            return self.metadata.sweep_orphans(con)
 
     def _commit_retrying(self, con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table],
                          files: dict[str, Path], info: dict[str, Any], added: dict[str, list[pa.Field]]) -> None:
@@ -340,7 +259,7 @@ class Catalog:
             try:
                 return self._commit(con, tables, files, info, added)
             except duckdb.TransactionException as exc:
-                if not _is_conflict(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                if not is_conflict(exc) or attempt == COMMIT_ATTEMPTS - 1:
                     raise CatalogError(f"publish to {self.location} failed after {attempt + 1} commit attempt(s) "
                                        f"({redact(str(exc)).splitlines()[0]})") from exc
             time.sleep(COMMIT_BACKOFF_S * 2 ** attempt * random.uniform(0.5, 1.5))
@@ -348,103 +267,10 @@ class Catalog:
     def _database(self) -> duckdb.DuckDBPyConnection:
         """This process's DuckDB instance with ducklake loaded, kept between calls: loading the extension
         (signature check of a 36 MB binary) costs ~0.3 s, attaching the lake ~0.05 s. The lake is attached per
-        call, under the file lock. `sql()` never uses it: each query gets its own (`_sandboxed`)."""
+        call, under the metadata's lock. `sql()` never uses it: each query gets its own (`_sandboxed`)."""
         if self._kept is None or self._kept[0] != os.getpid():
-            self._kept = (os.getpid(), self._new_database())
+            self._kept = (os.getpid(), self.metadata.new_database())
         return self._kept[1]
-
-    def _new_database(self) -> duckdb.DuckDBPyConnection:
-        """A DuckDB instance with our own extension folder and the extensions this catalog needs. The postgres
-        extension looks up persistent secrets, so a PostgreSQL catalog gets an empty secret folder of its own
-        instead of `allow_persistent_secrets=false` (with which that look-up fails)."""
-        secrets = ({"secret_directory": str(self._extensions / "no-secrets")} if self.target
-                   else {"allow_persistent_secrets": False})  # no look-up in ~/.duckdb
-        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                                     "extension_directory": str(self._extensions), **secrets})
-        extensions = [("ducklake", ducklake_extension_path())]
-        if self.target:
-            extensions.append(("postgres_scanner", postgres_extension_path()))
-        self._extensions.mkdir(parents=True, exist_ok=True)
-        with file_lock(self._extensions / ".lock") if self.target else contextlib.nullcontext():
-            for name, path in extensions:  # processes of a PostgreSQL catalog install side by side
-                con.execute(f"INSTALL '{_quote(path)}'")
-                con.execute(f"LOAD {name}")
-        return con
-
-    def _attach(self, con: duckdb.DuckDBPyConnection, write: bool) -> None:
-        """Attach the lake. Datasets arrive as registered Parquet files; the only INSERTs are each publish's
-        few lineage rows, which the inlining limit keeps in the metadata instead of one tiny file each. A local
-        catalog's data is always its own `data/`, wherever the folder is now: OVERRIDE_DATA_PATH opens a copied,
-        moved or symlinked catalog (the override is not written back, and file paths are stored relative)."""
-        if self.target:
-            return self._attach_postgres(con, write)
-        mode = "" if write or not self.meta_path.exists() else ", READ_ONLY"
-        try:
-            con.execute(f"ATTACH 'ducklake:{_quote(self.meta_path)}' AS {LAKE} (DATA_PATH '{_quote(self.data_path)}/', "
-                        f"OVERRIDE_DATA_PATH true, DATA_INLINING_ROW_LIMIT {LINEAGE_INLINE_ROWS}{mode})")
-        except duckdb.IOException as exc:
-            raise CatalogError(f"cannot open the catalog metadata {self.meta_path} ({exc}); restore it from a "
-                               "backup, or give --catalog another folder") from None
-
-    def _attach_postgres(self, con: duckdb.DuckDBPyConnection, write: bool, create: bool = True) -> None:
-        """Attach a lake whose metadata is on PostgreSQL: read-only unless `write`; a database without the
-        lake's tables yet gets them if `create` (as a first local attach creates meta.ducklake). Two processes
-        creating them at once collide in PostgreSQL; the loser attaches again and finds them made."""
-        options = f"DATA_PATH '{_quote(self.data_path)}/', DATA_INLINING_ROW_LIMIT {LINEAGE_INLINE_ROWS}"
-        for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                mode = "" if write or attempt else ", READ_ONLY"
-                con.execute(f"ATTACH 'ducklake:postgres:{_quote(self.target.conninfo)}' AS {LAKE} "
-                            f"({options}{mode})")
-                return
-            except duckdb.Error as exc:
-                message = str(exc)
-                if "creating a new DuckLake is explicitly disabled" in message and create:
-                    continue  # no lake in this database yet: attach read-write, which creates it
-                if attempt and _is_conflict(exc):
-                    time.sleep(COMMIT_BACKOFF_S * random.uniform(0.5, 1.5))
-                    continue
-                raise self._postgres_error(exc) from None
-        raise CatalogError(f"cannot create the lake's metadata in {self.location}: other processes kept "
-                           "colliding with it; try again")
-
-    def _postgres_error(self, exc: duckdb.Error) -> CatalogError:
-        """A clear CatalogError for a failed attach: which target, what the server said, what to do."""
-        said = redact(str(exc).replace(self.target.conninfo, redact(self.target.conninfo)))
-        if "creating a new DuckLake is explicitly disabled" in said:
-            return CatalogError(f"no catalog yet at {self.location}: publish a dataset first (prefmill run)")
-        if "Unable to connect to Postgres" in said or isinstance(exc, duckdb.IOException):
-            reason = " ".join(re.split(r'Unable to connect to Postgres at "[^"]*":', said)[-1].split())
-            return CatalogError(f"cannot reach the PostgreSQL catalog {self.location}: {reason}"
-                                "\nStart the server, create the database, or fix host/port/dbname/user in "
-                                "--catalog (or the config's `catalog`), e.g. "
-                                "'postgres:dbname=prefmill host=127.0.0.1 port=5432 user=prefmill'")
-        if "does not match existing data path" in said:
-            return self._data_path_error(said)
-        return CatalogError(f"cannot open the PostgreSQL catalog {self.location}: {said}")
-
-    def _data_path_error(self, said: str) -> CatalogError:
-        """On PostgreSQL the user names the data folder (machines mount it at different places), so a different
-        one is not silently accepted: the error names the lake's folder and how to point at it."""
-        found = re.search(r'existing data path in the catalog "([^"]*)"', said)
-        stored = found[1].rstrip("/") if found else "the folder it was created with"
-        return CatalogError(f"the PostgreSQL catalog {self.location} keeps its data in another folder than "
-                            f"{self.data_path}: in {stored}. Point at it with data_path={stored} in --catalog "
-                            f"(e.g. '{self.location} data_path={stored}'; a URL takes ?data_path=…), or, if the "
-                            "files moved there, give their new folder")
-
-    def _postgres_lake_exists(self) -> bool:
-        """Whether the database holds a lake yet: attaching read-only says so without creating one."""
-        with self._db_lock, contextlib.closing(self._database().cursor()) as con:
-            try:
-                con.execute(f"ATTACH 'ducklake:postgres:{_quote(self.target.conninfo)}' AS {LAKE} "
-                            f"(DATA_PATH '{_quote(self.data_path)}/', READ_ONLY)")
-            except duckdb.Error as exc:
-                if "creating a new DuckLake is explicitly disabled" in str(exc):
-                    return False
-                raise self._postgres_error(exc) from None
-            con.execute(f"DETACH {LAKE}")
-            return True
 
     def _fitted(self, con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table], declared: set[str]
                 ) -> tuple[dict[str, pa.Table], dict[str, list[pa.Field]]]:
@@ -493,18 +319,6 @@ class Catalog:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
-
-    def _delete_orphans(self, con: duckdb.DuckDBPyConnection) -> list[Path]:
-        """Under the exclusive lock no publish is between its write and its commit, so every data file no
-        snapshot references is an orphan. Lists the whole data folder, hence only after a publish died."""
-        if self.target:
-            rows = con.execute(f"SELECT path FROM ducklake_delete_orphaned_files('{LAKE}', older_than => "
-                               f"now() - INTERVAL {ORPHAN_AGE})")
-            return [Path(path) for (path,) in rows.fetchall()]
-        rows = con.execute(f"SELECT path FROM ducklake_delete_orphaned_files('{LAKE}', cleanup_all => true)")
-        deleted = [Path(path) for (path,) in rows.fetchall()]
-        self._pending_path.unlink(missing_ok=True)
-        return deleted
 
     def _all_versions(self, con: duckdb.DuckDBPyConnection) -> dict[str, list[Version]]:
         """Every dataset's versions, from the lineage JSON of the snapshots prefmill committed."""
@@ -597,19 +411,8 @@ def _lineage_rows(info: dict[str, Any]) -> list[list[Any]]:
             for name, part in info["datasets"].items()]
 
 
-def _is_conflict(exc: duckdb.Error) -> bool:
-    """Whether a failed commit lost a race with another writer (and may simply be tried again)."""
-    message = str(exc).lower()
-    return any(sign in message for sign in ("conflict", "maximum retry count", "duplicate key", "already exists",
-                                            "could not serialize", "deadlock"))
-
-
 def _at(version: int | None) -> str:
     return "" if version is None else f" AT (VERSION => {int(version)})"
-
-
-def _quote(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _schema_tag(schema: pa.Schema) -> str | None:

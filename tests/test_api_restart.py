@@ -145,7 +145,7 @@ def held_run(tmp_path):
 
 def pairs_versions(config: Path) -> list:
     catalog = Catalog(config.parent / "catalog")
-    return catalog.versions("pairs") if catalog.meta_path.exists() else []
+    return catalog.versions("pairs") if catalog.exists() else []
 
 
 def published_once(config: Path) -> None:

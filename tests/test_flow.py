@@ -99,7 +99,7 @@ def test_a_rerun_after_a_crash_computes_only_the_unfinished_shards(tmp_path, loc
     cfg = tiny_config(tmp_path, "critiques.enabled=false")
     with pytest.raises(RuntimeError, match="injected crash"):
         run(cfg, FailingPool(local_pool))
-    assert not Catalog(cfg.catalog).meta_path.exists() or not Catalog(cfg.catalog).datasets()
+    assert not Catalog(cfg.catalog).exists() or not Catalog(cfg.catalog).datasets()
 
     resumed = run(cfg, local_pool)
     stages = resumed.stages

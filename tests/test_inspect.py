@@ -77,10 +77,10 @@ def test_show_filters_limits_and_refuses_writes(catalog):
     "margin > 0, margin < 9",
 ])
 def test_show_where_is_one_expression_and_can_only_filter(catalog, where):
-    before = catalog.meta_path.read_bytes()
+    before = catalog.metadata.path.read_bytes()
     with pytest.raises(CatalogError, match="refused|cannot parse"):
-        _shown(catalog, where=where.format(meta=catalog.meta_path))
-    assert catalog.meta_path.read_bytes() == before and catalog.read("pairs").num_rows == 2 * len(PROMPTS)
+        _shown(catalog, where=where.format(meta=catalog.metadata.path))
+    assert catalog.metadata.path.read_bytes() == before and catalog.read("pairs").num_rows == 2 * len(PROMPTS)
 
 
 def test_show_where_keeps_comments_and_subqueries_that_read(catalog):

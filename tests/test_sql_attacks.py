@@ -61,7 +61,7 @@ def lab(tmp_path_factory) -> dict:
         pq.write_table(secret, path)
     (outside / "secret.csv").write_text(f"content\n{SECRET}\n")
     (outside / "link-to-secret.parquet").symlink_to(outside / "secret.parquet")
-    names = {"meta": catalog.meta_path, "data": catalog.data_path, "outside": outside, "v1": v1.version,
+    names = {"meta": catalog.metadata.path, "data": catalog.data_path, "outside": outside, "v1": v1.version,
              "v2": v2.version, "data_file": sorted(catalog.data_path.rglob("*.parquet"))[0]}
     return {"catalog": catalog, "root": root, "work": work, "names": names, "before": _checksums(root)}
 

@@ -73,7 +73,7 @@ def test_wrong_schema_is_refused_naming_the_column(catalog):
     bad = pairs(1).drop_columns(["margin"])
     with pytest.raises(SchemaMismatch, match="missing column 'margin'"):
         catalog.publish(bad, "pairs", schema=PAIRS)
-    assert not catalog.meta_path.exists() or "pairs" not in [d.dataset for d in catalog.datasets()]
+    assert not catalog.exists() or "pairs" not in [d.dataset for d in catalog.datasets()]
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "pairs; DROP TABLE x", "Pairs", "", "1abc", "prefmill_lineage",
@@ -148,7 +148,7 @@ def test_export_never_writes_inside_the_catalog(catalog, tmp_path):
     link = tmp_path / "innocent.parquet"
     link.symlink_to(data_file)
     before = {p: p.read_bytes() for p in catalog.root.rglob("*") if p.is_file()}
-    for target in (catalog.meta_path, data_file, catalog.root / ".lock", catalog.data_path / "new.parquet",
+    for target in (catalog.metadata.path, data_file, catalog.root / ".lock", catalog.data_path / "new.parquet",
                    link, tmp_path / "elsewhere" / ".." / catalog.root.name / "meta.ducklake", catalog.root):
         with pytest.raises(CatalogError, match="is inside the catalog .*--force does not change this"):
             catalog.export("pairs", target, "parquet", force=True)
@@ -189,7 +189,7 @@ def test_export_cli_refuses_overwrites_and_the_catalog_for_every_format(catalog,
     existing.write_text("keep me")
     before = {p: p.read_bytes() for p in catalog.root.rglob("*") if p.is_file()}
     for args, message in [(["-o", str(existing)], "exists: choose another name, or add --force"),
-                          (["-o", str(catalog.meta_path), "--force"], "is inside the catalog"),
+                          (["-o", str(catalog.metadata.path), "--force"], "is inside the catalog"),
                           (["-o", str(catalog.root), "--format", "trl"], "is inside the catalog"),
                           (["-o", str(tmp_path)], "is a folder")]:
         result = CliRunner().invoke(app, ["export", "pairs", *args, "--catalog", str(catalog.root)])
@@ -250,7 +250,7 @@ def test_a_crash_mid_publish_never_exposes_a_partial_version(catalog, tmp_path):
         time.sleep(rng.uniform(0.2, 2.5))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        if not catalog.meta_path.exists():
+        if not catalog.exists():
             continue
         try:
             versions = catalog.versions("pairs")

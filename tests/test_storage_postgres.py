@@ -39,12 +39,12 @@ def target(server) -> str:
 
 def test_publish_read_versions_time_travel_and_sql(target, tmp_path):
     catalog = Catalog(target, data_path=tmp_path / "data")
-    assert not catalog.meta_path.exists()
+    assert not catalog.exists()
     with pytest.raises(CatalogError, match="no catalog yet at postgres:dbname=lake_"):
         catalog.sql("SELECT 1")
     v1 = catalog.publish(pairs(3), "pairs", {"run_id": "r1"}, schema=PAIRS)
     v2 = catalog.publish(pairs(2, offset=10), "pairs", {"run_id": "r2"}, schema=PAIRS)
-    assert catalog.meta_path.exists() and v2.version > v1.version
+    assert catalog.exists() and v2.version > v1.version
     assert [(v.rows_added, v.row_count, v.lineage["run_id"]) for v in catalog.versions("pairs")] == [
         (3, 3, "r1"), (2, 5, "r2")]
     assert catalog.read("pairs", v1.version).column("pair_id").to_pylist() == ["p0", "p1", "p2"]
@@ -69,6 +69,18 @@ def test_publish_read_versions_time_travel_and_sql(target, tmp_path):
     # another process (here: another Catalog) finds the lake by its target alone, in the same data folder
     again = Catalog(f"{target} data_path={tmp_path / 'data'}")
     assert [v.version for v in again.versions("pairs")] == [v.version for v in catalog.versions("pairs")]
+
+
+def test_exists_asks_the_server_each_time_and_creates_no_lake(target, tmp_path):
+    """A fresh database holds no lake: asking (or a sandboxed connection) must not create one; once another
+    process (here another Catalog) publishes, the same Catalog sees it at once."""
+    catalog = Catalog(target, data_path=tmp_path / "data")
+    assert not catalog.exists() and not catalog.exists()
+    with pytest.raises(CatalogError, match="no catalog yet at postgres:dbname=lake_"), catalog.connect(sandboxed=True):
+        pass
+    assert not catalog.exists() and not (tmp_path / "data").exists()
+    Catalog(target, data_path=tmp_path / "data").publish(pa.table({"a": [1]}), "nums")
+    assert catalog.exists()
 
 
 def test_a_url_target_even_after_path_collapsed_its_slashes(server, tmp_path):
@@ -102,7 +114,7 @@ class Counting(Catalog):
 
 target, folder, writer = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 catalog = Counting(target)
-catalog.meta_path.exists()  # extensions loaded and the server reached before the start line
+catalog.exists()  # extensions loaded and the server reached before the start line
 (folder / f"ready-{{writer}}").touch()
 while not (folder / "go").exists():
     time.sleep(0.005)
@@ -164,7 +176,7 @@ def test_an_unreachable_server_is_a_clear_error_naming_the_target(tmp_path):
     target = f"postgres:dbname=prefmill host=127.0.0.1 port={port} user=prefmill password=hunter2"
     catalog = Catalog(target, data_path=tmp_path / "data")
     for call in (lambda: catalog.versions("pairs"), lambda: catalog.publish(pairs(1), "pairs"),
-                 lambda: catalog.sql("SELECT 1")):
+                 lambda: catalog.sql("SELECT 1"), catalog.exists):
         with pytest.raises(CatalogError) as error:
             call()
         message = str(error.value)

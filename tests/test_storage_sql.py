@@ -43,7 +43,7 @@ NESTED = "/* /* */ EXPLAIN SELECT 1 -- */ EXPLAIN ANALYZE "  # the regex saw `EX
     "EXPLAIN SELECT 1",
 ])
 def test_user_written_explain_is_refused_pointing_to_the_option(catalog, tmp_path, template):
-    out, meta = tmp_path / "leak.csv", catalog.meta_path
+    out, meta = tmp_path / "leak.csv", catalog.metadata.path
     before = meta.read_bytes()
     with pytest.raises(CatalogError, match="EXPLAIN is an option, not part of the query: `prefmill sql --explain"):
         catalog.sql(template.format(out=out, meta=meta))
@@ -217,7 +217,7 @@ def test_the_sandbox_settings_in_effect(catalog):
         "SELECT name, value FROM duckdb_settings() WHERE name IN ('allowed_directories', 'allowed_paths', "
         "'temp_directory', 'enable_external_access', 'lock_configuration', 'memory_limit', 'threads')")
     settings = {row["name"]: row["value"] for row in rows.to_pylist()}
-    meta = str(catalog.meta_path)
+    meta = str(catalog.metadata.path)
     assert settings.pop("allowed_directories") == f"[{catalog.data_path}/]"
     assert sorted(settings.pop("allowed_paths").strip("[]").split(", ")) == [
         meta, f"{meta}.wal", f"{meta}.wal.checkpoint", f"{meta}.wal.recovery"]  # DuckDB adds attached files
@@ -281,10 +281,10 @@ def test_cli_sql_output_refuses_existing_catalog_and_folder_paths(catalog, tmp_p
     assert json.loads(out.read_text()) == {"n": 5}
     _cli("sql", "SELECT 0 AS n", "--format", "json", "-o", str(out), "--force", "--catalog", root)
     assert json.loads(out.read_text()) == {"n": 0}
-    meta = catalog.meta_path.read_bytes()
-    for target in (catalog.meta_path, catalog.data_path / "x.csv", catalog.root / ".lock"):
+    meta = catalog.metadata.path.read_bytes()
+    for target in (catalog.metadata.path, catalog.data_path / "x.csv", catalog.root / ".lock"):
         assert "is inside the catalog" in _cli("sql", query, "-o", str(target), "--force", "--catalog", root, code=2)
-    assert catalog.meta_path.read_bytes() == meta and not (catalog.data_path / "x.csv").exists()
+    assert catalog.metadata.path.read_bytes() == meta and not (catalog.data_path / "x.csv").exists()
     assert "is a folder: give a file name" in _cli("sql", query, "-o", str(tmp_path), "--catalog", root, code=2)
     assert not list(tmp_path.glob(".*.tmp"))
 
