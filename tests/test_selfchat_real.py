@@ -10,6 +10,13 @@ from prefmill.operators.selfchat import SelfChat
 from prefmill.schemas.tables import CANDIDATES, CONVERSATIONS
 from prefmill.serving.protocols import Request, Sampling
 
+from tests.fakes import ScriptedLM
+
+# a simulated user whose thought and role label must be stripped (the tiny model's own may end a chat
+# at once, so a test that needs a simulated turn cannot count on it)
+SIMULATED = "Thought: I want one concrete example, because the answer stayed general.\n" \
+            "**User:** What would a librarian in Zanzibar say about that?"
+
 
 @pytest.fixture(scope="module")
 def seeds():
@@ -30,7 +37,7 @@ def test_conversations_alternate_and_respect_limits(conversations, seeds):
     assert conversations.schema == CONVERSATIONS
     rows = conversations.to_pylist()
     assert [r["seed_id"] for r in rows] == [s["seed_id"] for s in seeds]
-    for row, seed in zip(rows, seeds):
+    for row, seed in zip(rows, seeds, strict=True):
         roles = [m["role"] for m in row["messages"]]
         assert roles[0] == "user" and row["messages"][0]["content"] == seed["question"]
         assert all(a != b for a, b in zip(roles, roles[1:])), roles
@@ -40,12 +47,23 @@ def test_conversations_alternate_and_respect_limits(conversations, seeds):
         assert all(m["content"].strip() for m in row["messages"])
 
 
-def test_the_justification_never_leaks_into_a_user_turn(conversations):
-    for row in conversations.to_pylist():
-        for m in row["messages"][1:]:
-            if m["role"] == "user":
-                assert "thought:" not in m["content"].lower()
-                assert not m["content"].lower().startswith("user:")
+@pytest.fixture(scope="module")
+def with_simulated_turns(engine, seeds, selfchat):
+    """Self-chat of the real assistant with a scripted simulator: every conversation gets a simulated turn."""
+    return selfchat(seeds, engine, ScriptedLM(lambda conv, sampling, k: SIMULATED, name="scripted-user"))
+
+
+def simulated_turns(table) -> list[str]:
+    return [m["content"] for row in table.to_pylist() for m in row["messages"][1:] if m["role"] == "user"]
+
+
+def test_the_justification_never_leaks_into_a_user_turn(conversations, with_simulated_turns, seeds):
+    forced = with_simulated_turns.to_pylist()
+    assert [r["num_turns"] for r in forced] == [2] * len(seeds), [r["ended_by"] for r in forced]
+    assert simulated_turns(with_simulated_turns) == ["What would a librarian in Zanzibar say about that?"] * len(seeds)
+    for text in simulated_turns(conversations):  # the real simulator's turns, if it wrote any
+        assert "thought:" not in text.lower()
+        assert not text.lower().startswith("user:")
 
 
 def test_a_fixed_seed_reproduces_the_conversations(engine, seeds, selfchat, conversations):
@@ -54,6 +72,7 @@ def test_a_fixed_seed_reproduces_the_conversations(engine, seeds, selfchat, conv
 
 def test_a_tight_budget_ends_conversations_by_budget(engine, seeds):
     table = SelfChat(max_turns=4, token_budget=40, max_tokens_per_turn=32, seed=1)(seeds[:2], engine)
+    assert table.num_rows == 2
     for row in table.to_pylist():
         assert row["num_tokens"] <= 40
         assert row["ended_by"] in {"token_budget", "user_ended"} or row["ended_by"].startswith("gate:")
