@@ -16,7 +16,9 @@ def test_the_wheel_has_one_top_level_import_name_and_carries_its_data(tmp_path):
                     "-w", str(tmp_path)], check=True, capture_output=True)
     [wheel] = tmp_path.glob("prefmill-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"prefmill"}
+    # and the .pth that hides mismatched torch extension builds (prefmill/_torch_builds.py): no import name
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {
+        "prefmill", "prefmill-torch-builds.pth"}
     [top_level] = [n for n in names if n.endswith("top_level.txt")]
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["prefmill"]
     assert {"prefmill/flows/stages/base.py", "prefmill/operators/data/followups.json",
