@@ -15,6 +15,7 @@ than `ORPHAN_AGE`.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import time
@@ -102,20 +103,33 @@ class LocalMetadata:
     def attach(self, con: Connection, write: bool, create: bool = True) -> None:
         """The data is always this folder's `data/`, wherever the folder is now: OVERRIDE_DATA_PATH opens a
         copied, moved or symlinked catalog (the override is not written back, and file paths are stored
-        relative). A first attach creates `meta.ducklake`, hence read-write."""
-        found = self.path.exists()
-        if not (found or create):
-            raise CatalogError(f"no catalog yet at {self}: publish a dataset first (prefmill run)")
-        mode = "" if write or not found else ", READ_ONLY"
+        relative)."""
+        if not self.path.exists():
+            if not create:
+                raise CatalogError(f"no catalog yet at {self}: publish a dataset first (prefmill run)")
+            self._create(con)
+        self._attach(con, self.path, "" if write else ", READ_ONLY")
+
+    def _create(self, con: Connection) -> None:
+        """Make the lake in a scratch file, then move it into place (under the exclusive lock): a process killed
+        midway leaves no `meta.ducklake` without a lake in it, which every later read-only attach would refuse."""
+        scratch = self.root / ".meta.ducklake.new"
+        for stale in (scratch, scratch.with_name(scratch.name + ".wal")):
+            stale.unlink(missing_ok=True)
+        self._attach(con, scratch, "")
+        con.execute(f"DETACH {LAKE}")
+        os.replace(scratch, self.path)
+
+    def _attach(self, con: Connection, path: Path, mode: str) -> None:
         try:
-            con.execute(f"ATTACH 'ducklake:{quote(self.path)}' AS {LAKE} (DATA_PATH '{quote(self.data_path)}/', "
+            con.execute(f"ATTACH 'ducklake:{quote(path)}' AS {LAKE} (DATA_PATH '{quote(self.data_path)}/', "
                         f"OVERRIDE_DATA_PATH true, DATA_INLINING_ROW_LIMIT {LINEAGE_INLINE_ROWS}{mode})")
         except duckdb.IOException as exc:
-            raise CatalogError(f"cannot open the catalog metadata {self.path} ({exc}); restore it from a "
+            raise CatalogError(f"cannot open the catalog metadata {path} ({exc}); restore it from a "
                                "backup, or give --catalog another folder") from None
 
     def lock(self, write: bool) -> ContextManager[None]:
-        """Exclusive for a publish and for the attach that creates the metadata file, shared for readers."""
+        """Exclusive for a publish and for the attach that creates the lake, shared for readers."""
         return file_lock(self.root / ".lock", exclusive=write or not self.path.exists())
 
     @contextlib.contextmanager

@@ -75,3 +75,19 @@ def test_the_target_names_the_strategy(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CatalogError, match="is a file, not a folder"):
         metadata_for(tmp_path / "file")
+
+
+def test_a_creation_that_dies_midway_leaves_no_metadata_file_without_a_lake(tmp_path, monkeypatch):
+    """A publisher killed while DuckLake fills a new `meta.ducklake` used to leave a file that every read-only
+    attach refused ("Existing DuckLake ... does not exist"): the lake is made in a scratch file and moved."""
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("prefmill.storage.metadata.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Catalog(tmp_path / "catalog").publish(pairs(1), "pairs")
+    monkeypatch.undo()
+    catalog = Catalog(tmp_path / "catalog")
+    assert not catalog.exists()
+    assert catalog.publish(pairs(2), "pairs").row_count == 2 and catalog.exists()
+    assert sorted(p.name for p in (tmp_path / "catalog").iterdir() if p.name.startswith(".meta")) == []
