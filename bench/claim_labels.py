@@ -29,11 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._fetch import fetch_dist  # noqa: E402
 from prefmill.operators.critiques import ClaimCritic  # noqa: E402
 from prefmill.operators.retrieval import DocumentIndex  # noqa: E402
 from prefmill.serving.engine import VLLMEngine  # noqa: E402
-
-from bench._fetch import fetch_dist  # noqa: E402
 
 WHEEL = "openfactcheck-1.1.2-py3-none-any.whl"
 GOLD = "openfactcheck/templates/factchecker/gold/"

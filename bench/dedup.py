@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+
 from prefmill.operators.dedup import Deduper, prompt_text, reply_text
 from prefmill.operators.seeds import BUILTIN_SEEDS
 from prefmill.schemas.tables import PAIRS

@@ -33,14 +33,13 @@ from prefmill.flows.runner import configure_environment  # noqa: E402
 
 configure_environment(verbose=False)
 
+from bench.selfchat import CountingLM, raw_generate  # noqa: E402
 from prefmill.flows.pipeline import pipeline_flow  # noqa: E402
 from prefmill.flows.report import stage_rows  # noqa: E402
 from prefmill.flows.results import busy_seconds  # noqa: E402
 from prefmill.schemas.config import load_pipeline_config  # noqa: E402
 from prefmill.serving.engine import VLLMEngine  # noqa: E402
 from prefmill.serving.hosts import HostSession, LocalPool, Meter, ModelHost, run_step  # noqa: E402
-
-from bench.selfchat import CountingLM, raw_generate  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "flows" / "configs" / "demo.toml"
 

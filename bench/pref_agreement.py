@@ -44,11 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._fetch import fetch_dist  # noqa: E402
 from prefmill.operators.flr import FollowUpReward  # noqa: E402
 from prefmill.operators.ids import stable_id  # noqa: E402
 from prefmill.serving.prefix_scorer import SharedPrefixScorer  # noqa: E402
-
-from bench._fetch import fetch_dist  # noqa: E402
 
 SDIST = "bigbench-1.0.0.tar.gz"
 TASK_DIR = "bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment/"

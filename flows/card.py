@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
 from prefmill.flows.training import DATA_DIR
 from prefmill.storage.catalog import Catalog, CatalogError, Version
 

@@ -10,11 +10,12 @@ from typing import Optional
 
 import pyarrow as pa
 import typer
-from prefmill.schemas.config import DEFAULT_MODEL
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from prefmill.schemas.config import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)  # its help is main()'s docstring
 config_app = typer.Typer(no_args_is_help=True, help="The pipeline configuration: resolved values and JSON Schema."

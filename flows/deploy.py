@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
+
 from prefmill.flows.pipeline import pipeline
 from prefmill.schemas.config import PipelineConfig
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed, wait
+
 from prefmill.flows.report import create_artifacts, dataset_card
 from prefmill.flows.results import RunResult, StageStats
 from prefmill.flows.stages import Stage, build_stages

@@ -11,11 +11,12 @@ from collections import Counter
 from statistics import fmean
 
 import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
 from prefmill.flows.results import RunResult
 from prefmill.operators.gates import REVISION_SELF_TALK
 from prefmill.schemas.config import PipelineConfig
-from rich.console import Console
-from rich.table import Table
 
 HISTOGRAM_BINS = 8
 

@@ -19,10 +19,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from prefmill.flows.stages import build_stages
-from prefmill.schemas.config import ConfigError, PipelineConfig, load_pipeline_config
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from prefmill.flows.stages import build_stages
+from prefmill.schemas.config import ConfigError, PipelineConfig, load_pipeline_config
 
 if TYPE_CHECKING:
     import pyarrow as pa

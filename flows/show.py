@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-from prefmill.storage.catalog import Catalog, CatalogError, validate_name
-from prefmill.storage.sql_guard import checked_condition
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from prefmill.storage.catalog import Catalog, CatalogError, validate_name
+from prefmill.storage.sql_guard import checked_condition
 
 CRITIQUES = "critiques"
 PROMPT_TURNS = 3

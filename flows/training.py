@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from prefmill.storage.catalog import Catalog, CatalogError
 
 TRL_COLUMNS = ["prompt", "chosen", "rejected"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+
 from prefmill.operators.ids import stable_id
 from prefmill.schemas.config import CandidatesSection
 from prefmill.schemas.tables import CANDIDATES

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
+
 from prefmill.operators.gates import revision_text
 from prefmill.operators.retrieval import DocumentIndex, tokens
 from prefmill.schemas.config import CritiquesSection

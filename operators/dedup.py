@@ -31,6 +31,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
+
 from prefmill.schemas.config import DedupOn, DedupSection
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
 from prefmill.serving.protocols import Embedder

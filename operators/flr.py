@@ -18,6 +18,7 @@ from statistics import fmean
 from typing import Sequence
 
 import pyarrow as pa
+
 from prefmill.schemas.config import FLRSection
 from prefmill.schemas.tables import REWARDS
 from prefmill.serving.protocols import PROMPT_TOO_LONG, ContinuationScorer, Message, ScoredPrefix

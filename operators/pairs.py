@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from statistics import fmean
 
 import pyarrow as pa
+
 from prefmill.operators.gates import reply_gate
 from prefmill.operators.ids import stable_id
 from prefmill.schemas.config import PairsSection

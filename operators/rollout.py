@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+
 from prefmill.operators.candidates import CandidateSampler, context_ends, context_row
 from prefmill.operators.selfchat import Dialogues, Progress, SelfChat
 from prefmill.operators.streams import run_requests

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+
 from prefmill.operators.ids import stable_id
 from prefmill.schemas.tables import QUARANTINE, SEEDS
 

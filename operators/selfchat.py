@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import pyarrow as pa
+
 from prefmill.operators.gates import ECHO_THRESHOLD, REPEAT_THRESHOLD, user_turn_gate
 from prefmill.operators.ids import stable_id
 from prefmill.operators.streams import run_requests

@@ -36,9 +36,10 @@ class AsyncVLLMEngine:
     request."""
 
     def __init__(self, config: EngineConfig = EngineConfig()):
-        from prefmill.serving.orphans import OrphanWatchdog
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from prefmill.serving.orphans import OrphanWatchdog
 
         self.config = config
         self.name = config.model

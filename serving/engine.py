@@ -138,8 +138,9 @@ class VLLMEngine:
     """
 
     def __init__(self, config: EngineConfig = EngineConfig()):
-        from prefmill.serving.orphans import OrphanWatchdog
         from vllm import LLM
+
+        from prefmill.serving.orphans import OrphanWatchdog
 
         self.config = config
         self.name = config.model

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any, Sequence
 
 import httpx
+
 from prefmill.serving.models import resolve_model
 from prefmill.serving.protocols import Completion, Conversation, Message, Sampling, too_long
 from prefmill.serving.render import ScoringPrompt, hf_render, hf_tokenize, scoring_prompts

@@ -16,6 +16,7 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 import ray
+
 from prefmill.schemas.config import EngineConfig, PoolConfig, prefmill_home
 from prefmill.serving.hosts import ModelHost, Step, StepRun, run_step
 from prefmill.serving.orphans import OrphanWatchdog

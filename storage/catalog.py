@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from prefmill.schemas.config import config_hash
 from prefmill.schemas.tables import conform
 from prefmill.storage.columns import column_definitions, evolve_columns, match_columns

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import duckdb
+
 from prefmill.schemas.config import file_lock, prefmill_home
 from prefmill.storage.errors import CatalogError
 from prefmill.storage.postgres import PostgresTarget, parse_target, redact

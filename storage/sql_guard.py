@@ -25,6 +25,7 @@ from typing import Any, Iterator, Literal
 
 import duckdb
 import pyarrow as pa
+
 from prefmill.storage.errors import CatalogError
 
 # DuckLake functions that only read metadata; callable as `ducklake_<name>(...)` or `lake.<name>(...)`

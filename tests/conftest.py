@@ -48,6 +48,7 @@ def make_ray_pool(model_path):
     /tmp (Ray's socket paths must stay under 108 bytes: pytest's deep tmp_path is too long); at the end of
     the module they are shut down with Ray and their folders removed."""
     import ray
+
     from prefmill.serving.ray_pool import RayEnginePool
 
     opened = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
+
 from prefmill.schemas.tables import CRITIQUES, PAIRS
 from prefmill.storage.catalog import Catalog, Version
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefmill.storage.catalog import Catalog
 
+from prefmill.storage.catalog import Catalog
 from tests.test_crash import REPO, run, stage_counts, write_config
 from tests.test_flow_deploy import BIN, free_port, wait_until
 

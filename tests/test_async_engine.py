@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from prefmill.operators.seeds import load_seeds
 from prefmill.operators.selfchat import SelfChat
 from prefmill.serving.protocols import Request, Sampling

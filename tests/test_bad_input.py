@@ -13,14 +13,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
 from prefmill.flows.cli import app
 from prefmill.operators.flr import FollowUpFileError, load_followups
 from prefmill.operators.seeds import SeedFileError, load_seeds
 from prefmill.schemas.config import ConfigError, load_pipeline_config
 from prefmill.serving.models import ModelSpecError, resolve_model
 from prefmill.storage.catalog import Catalog, CatalogError
-from typer.testing import CliRunner
-
 from tests.test_storage import pairs
 
 GOOD = json.dumps({"question": "What is DNA?"})

@@ -7,8 +7,8 @@ import shutil
 
 import pyarrow as pa
 import pytest
-from prefmill.storage.catalog import Catalog, CatalogError
 
+from prefmill.storage.catalog import Catalog, CatalogError
 from tests import pg
 from tests.test_storage import pairs
 

@@ -44,7 +44,6 @@ def test_chat_with_a_bad_model_spec_fails_clearly():
 
 def test_sql_datasets_and_export_commands(tmp_path):
     from prefmill.storage.catalog import Catalog
-
     from tests.test_storage import pairs
 
     catalog = tmp_path / "catalog"
@@ -113,6 +112,7 @@ def test_run_refuses_a_summary_file_it_could_not_write_before_anything_starts(tm
 
 def test_the_summary_json_is_the_stage_table_counts_and_versions_as_plain_data():
     import pyarrow as pa
+
     from prefmill.flows.report import summary_dict
     from prefmill.flows.results import RunResult, StageStats
 
@@ -131,6 +131,7 @@ def test_the_summary_json_is_the_stage_table_counts_and_versions_as_plain_data()
 def test_a_connection_error_is_recognised_as_the_prefect_apis_however_its_url_is_written(configured):
     """httpx writes a request's URL lower-cased and without a default port; PREFECT_API_URL may not be."""
     import httpx
+
     from prefmill.flows.runner import api_connection_error
 
     def refused(url: str) -> httpx.ConnectError:

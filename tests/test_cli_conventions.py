@@ -7,9 +7,10 @@ import tomllib
 
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from prefmill.flows.cli import app
 from prefmill.schemas.config import PipelineConfig, load_pipeline_config
-from typer.testing import CliRunner
 
 DEMO = "flows/configs/demo.toml"
 

@@ -8,13 +8,13 @@ import json
 
 import pyarrow as pa
 import pytest
+
 from prefmill.operators.critiques import TOO_LONG, ClaimCritic
 from prefmill.operators.flr import FollowUp, FollowUpReward
 from prefmill.operators.pairs import PairMiner
 from prefmill.operators.rollout import Rollout
 from prefmill.operators.selfchat import SelfChat
 from prefmill.serving.protocols import PROMPT_TOO_LONG, ScoredPrefix
-
 from tests.fakes import ScriptedLM, StreamingScriptedLM
 
 LONG = "word " * 400  # over the scripted models' 300-word window on its own

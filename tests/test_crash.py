@@ -42,8 +42,8 @@ from typing import Callable
 
 import psutil
 import pytest
-from prefmill.storage.catalog import Catalog
 
+from prefmill.storage.catalog import Catalog
 from tests.flow_helpers import write_config
 from tests.test_orphans import all_end
 

@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+
 from prefmill.operators.critiques import VERDICTS, ClaimCritic
 from prefmill.operators.retrieval import DocumentIndex
 from prefmill.schemas.tables import CRITIQUES

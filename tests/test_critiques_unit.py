@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from prefmill.operators.critiques import (
     ClaimCritic,
     parse_claims,
@@ -15,7 +16,6 @@ from prefmill.operators.critiques import (
 )
 from prefmill.operators.retrieval import DocumentIndex, load_documents
 from prefmill.schemas.tables import CRITIQUES
-
 from tests.fakes import ScriptedLM
 
 WALL = "The Berlin Wall fell in 1975."

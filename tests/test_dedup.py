@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from prefmill.operators.dedup import Deduper, dedup_key, vectors_of
 from prefmill.operators.seeds import BUILTIN_SEEDS
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS

@@ -6,9 +6,10 @@ from __future__ import annotations
 import zipfile
 
 import pytest
+from typer.testing import CliRunner
+
 from prefmill.flows.cli import app
 from prefmill.serving import models
-from typer.testing import CliRunner
 
 
 @pytest.fixture

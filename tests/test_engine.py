@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from prefmill.serving.protocols import Completion, Sampling
 
 QUESTION = [{"role": "user", "content": "Name three uses of copper."}]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from prefmill.serving.protocols import Sampling
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,9 @@ class ChatStep:
 @pytest.fixture(scope="module")
 def one_actor_pool(make_ray_pool):
     """conftest's Ray pool with one actor, which can unpickle this module's steps."""
-    from prefmill.schemas.config import PoolConfig
     from ray import cloudpickle
+
+    from prefmill.schemas.config import PoolConfig
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import the tests folder
     return make_ray_pool(PoolConfig(actors=1))

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+
 from prefmill.operators.flr import load_followups
 from prefmill.schemas.config import PipelineConfig, load_pipeline_config
 from prefmill.serving.hosts import LocalPool, ModelHost

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefmill.storage.catalog import Catalog
 
+from prefmill.storage.catalog import Catalog
 from tests.flow_helpers import write_config
 
 pytestmark = pytest.mark.slow

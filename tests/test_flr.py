@@ -6,6 +6,7 @@ import json
 from statistics import fmean
 
 import pytest
+
 from prefmill.operators.flr import FollowUp, FollowUpReward, load_followups, reply_prefix
 from prefmill.schemas.tables import REWARDS
 from prefmill.serving.protocols import ScoredPrefix

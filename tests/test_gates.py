@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from prefmill.operators.gates import containment, reply_gate, user_turn_gate
 from prefmill.operators.selfchat import RESAMPLE_SEED_STEP, SelfChat
-
 from tests.fakes import ScriptedLM, StreamingScriptedLM
 
 ANSWER = ("The sky looks blue because air molecules scatter short blue wavelengths of sunlight much more "

@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from prefmill.serving.http_client import OpenAICompatibleClient
 from prefmill.serving.protocols import PROMPT_TOO_LONG, Completion, Sampling
 

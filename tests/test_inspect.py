@@ -11,13 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
+from rich.console import Console
+
 from prefmill.flows.card import PLOTS, write_card
 from prefmill.flows.show import show_pairs
 from prefmill.flows.training import export_trl
 from prefmill.schemas.tables import PAIRS
 from prefmill.storage.catalog import Catalog, CatalogError
-from rich.console import Console
-
 from tests.pair_rows import CRITIQUE_TEXT, PROMPTS, pair_rows, publish_pairs
 
 PREFMILL = str(Path(sys.executable).with_name("prefmill"))

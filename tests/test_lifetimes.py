@@ -10,6 +10,7 @@ import types
 import weakref
 
 import pytest
+
 from prefmill.schemas.config import load_pipeline_config
 
 
@@ -60,6 +61,7 @@ def test_no_vllm_module_keeps_a_traceback_holding_its_importers_frames():
     """vLLM keeps failed optional imports as exceptions in module globals; their tracebacks held the
     frames (and locals) of whatever first imported vLLM, a flow task's included."""
     import vllm  # noqa: F401
+
     from prefmill.serving.engine import release_import_tracebacks
 
     probe = types.ModuleType("vllm._prefmill_probe")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from prefmill.serving.models import EMBEDDED, known_models
 
 pytestmark = pytest.mark.slow

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from prefmill.serving.orphans import GRACE_S, POLL_S, OrphanWatchdog
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ import math
 
 import pyarrow as pa
 import pytest
+
 from prefmill.operators.pairs import PairMiner, revised_candidates, revised_id, win_prob
 from prefmill.schemas.tables import CANDIDATES, CRITIQUES, PAIR_REJECTS, PAIRS, REWARDS
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from prefmill.operators.candidates import CandidateSampler
 from prefmill.operators.dedup import Deduper, vectors_of
 from prefmill.operators.flr import FollowUpReward

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from prefmill.schemas.config import ConfigError, PipelineConfig, load_pipeline_config, parse_override
 
 DEMO = Path(__file__).resolve().parents[1] / "flows" / "configs" / "demo.toml"

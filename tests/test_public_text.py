@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from prefmill.operators.critiques import ClaimCritic
 from prefmill.operators.dedup import Deduper, prompt_text, reply_text
 from prefmill.operators.gates import ECHO_THRESHOLD, REVISION_SELF_TALK, repeats, reply_gate, revision_text
 from prefmill.schemas.tables import PAIRS
 from prefmill.serving.ann import make_index
-
 from tests.fakes import ScriptedLM
 
 SAMPLE = json.loads((Path(__file__).parent / "data" / "truthfulqa_sample.json").read_text())["examples"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from prefmill.serving.protocols import Sampling
 from prefmill.serving.ray_pool import in_input_order, split_evenly
 

@@ -4,12 +4,12 @@ one after the other, and candidates asked for as soon as their context is known.
 from __future__ import annotations
 
 import pytest
+
 from prefmill.operators.candidates import CandidateSampler, contexts
 from prefmill.operators.rollout import Rollout
 from prefmill.operators.selfchat import SelfChat
 from prefmill.operators.streams import run_requests
 from prefmill.serving.protocols import Request, Sampling
-
 from tests.fakes import ScriptedLM, StreamingScriptedLM
 from tests.test_selfchat_unit import SEEDS, varied
 
@@ -73,6 +73,7 @@ def test_the_flow_rollout_stage_on_a_host_streams_when_assistant_and_simulator_a
     """Regression: each `chat_model` call of a host session returned a new wrapper, so the stage's
     assistant and simulator looked like two models and the rollout fell back from one stream to waves."""
     import pyarrow as pa
+
     from prefmill.flows.stages.rollout import RolloutStage
     from prefmill.serving.hosts import ModelHost, run_step
 

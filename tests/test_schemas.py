@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+
 from prefmill.schemas.tables import PAIRS, QUARANTINE, SCHEMA_VERSION, SCHEMAS, SchemaMismatch, conform
 
 

@@ -5,6 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from prefmill.operators.seeds import BUILTIN_SEEDS, SeedFileError, load_seeds
 
 

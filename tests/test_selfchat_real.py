@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+
 from prefmill.operators.candidates import CandidateSampler, contexts
 from prefmill.operators.rollout import Rollout
 from prefmill.operators.seeds import load_seeds
 from prefmill.operators.selfchat import SelfChat
 from prefmill.schemas.tables import CANDIDATES, CONVERSATIONS
 from prefmill.serving.protocols import Request, Sampling
-
 from tests.fakes import ScriptedLM
 
 # a simulated user whose thought and role label must be stripped (the tiny model's own may end a chat

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from prefmill.operators.candidates import CandidateSampler, contexts
 from prefmill.operators.selfchat import SelfChat, parse_user_turn, simulator_prompt
-
 from tests.fakes import ScriptedLM, StreamingScriptedLM
 
 SEEDS = [{"seed_id": f"s{i}", "question": f"Question {i}?", "persona": "a tester"} for i in range(3)]

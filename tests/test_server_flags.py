@@ -3,8 +3,9 @@ by vLLM's own server parser and turned into engine args the way the server does 
 
 from __future__ import annotations
 
-import prefmill.serving.engine as engine_module
 import pytest
+
+import prefmill.serving.engine as engine_module
 from prefmill.schemas.config import EngineConfig
 from prefmill.serving.engine import engine_kwargs
 from prefmill.serving.server import server_command

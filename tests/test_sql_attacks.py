@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prefmill.storage.catalog import Catalog, CatalogError
 
+from prefmill.storage.catalog import Catalog, CatalogError
 from tests.test_storage import pairs
 
 CORPUS = Path(__file__).with_name("sql_attacks.tsv")

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from prefect import flow
+
 from prefmill.flows.pipeline import RunModels, Shard, no_report, run_stages
 from prefmill.flows.results import RunResult
 from prefmill.flows.stages import STAGES, Stage, build_stages

@@ -12,6 +12,7 @@ import time
 
 import pyarrow as pa
 import pytest
+
 from prefmill.schemas.tables import PAIRS, SCHEMA_VERSION, SchemaMismatch
 from prefmill.storage.catalog import Catalog, CatalogError, validate_name
 
@@ -181,8 +182,9 @@ def test_a_failed_write_leaves_neither_a_partial_file_nor_a_tmp(tmp_path):
 
 
 def test_export_cli_refuses_overwrites_and_the_catalog_for_every_format(catalog, tmp_path):
-    from prefmill.flows.cli import app
     from typer.testing import CliRunner
+
+    from prefmill.flows.cli import app
 
     catalog.publish(pairs(2), "pairs")
     existing = tmp_path / "existing.txt"

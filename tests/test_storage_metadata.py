@@ -7,9 +7,9 @@ import ast
 from pathlib import Path
 
 import pytest
+
 from prefmill.storage.catalog import Catalog, CatalogError
 from prefmill.storage.metadata import LocalMetadata, PostgresMetadata, metadata_for
-
 from tests.test_storage import pairs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+
 from prefmill.schemas.tables import PAIRS
 from prefmill.storage.catalog import Catalog, CatalogError
-
 from tests import pg
 from tests.test_storage import pairs
 

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from prefmill.schemas.tables import PAIR_EMBEDDINGS, PAIRS, SCHEMA_VERSION
 from prefmill.storage.catalog import Catalog, CatalogError
-
 from tests.test_storage import pairs
 
 

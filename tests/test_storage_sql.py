@@ -13,11 +13,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
 from prefmill.flows.cli import app
 from prefmill.storage.catalog import Catalog, CatalogError, SqlLimits
 from prefmill.storage.sql_guard import checked_select, explained
-from typer.testing import CliRunner
-
 from tests.test_storage import pairs
 
 

@@ -6,7 +6,6 @@ import json
 
 from prefmill.operators.streams import run_in_waves, run_requests
 from prefmill.serving.protocols import Request, Sampling
-
 from tests.fakes import ScriptedLM
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from datasets import List, Value, load_dataset
+
 from prefmill.flows.training import export_trl, split_prompts
 from prefmill.storage.catalog import Catalog, CatalogError
-
 from tests.pair_rows import PROMPTS, publish_pairs
 
 PREFMILL = str(Path(sys.executable).with_name("prefmill"))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import pyarrow as pa
+
 from prefmill.schemas.config import PipelineConfig
 
 PACKAGE = "prefmill"

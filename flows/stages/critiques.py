@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+
 from prefmill.flows.stages.base import ModelRole, Models, Stage
 from prefmill.flows.stages.rewards import follow_up_reward
 from prefmill.operators.critiques import ClaimCritic

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+
 from prefmill.flows.stages.base import ModelRole, Models, Stage
 from prefmill.operators.flr import DEFAULT_FOLLOWUPS, FollowUpReward, load_followups
 from prefmill.schemas.config import PipelineConfig
