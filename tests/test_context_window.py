@@ -9,6 +9,7 @@ import json
 import pyarrow as pa
 import pytest
 
+from prefmill.operators.candidates import CandidateSampler
 from prefmill.operators.critiques import TOO_LONG, ClaimCritic
 from prefmill.operators.flr import FollowUp, FollowUpReward
 from prefmill.operators.pairs import PairMiner
@@ -77,7 +78,9 @@ FOLLOWUPS = (FollowUp("a", "positive", "Thanks!"), FollowUp("a", "negative", "Th
 
 
 def test_a_context_over_the_window_is_on_record_and_rejected_with_that_reason_never_dropped():
-    tables = Rollout(SelfChat(max_turns=1))([LONG_SEED, *SEEDS], ScriptedLM(script, context_window=300))
+    # candidates long enough for the scripted 120-token answer, short enough to fit the window with a short prompt
+    rollout = Rollout(SelfChat(max_turns=1), CandidateSampler(max_tokens=192))
+    tables = rollout([LONG_SEED, *SEEDS], ScriptedLM(script, context_window=300))
     candidates = by_context_seed(tables.candidates)
     long = candidates.pop("long")
     assert len(long) == 4 and all(c["reply"] == "" and c["finish_reason"] == PROMPT_TOO_LONG for c in long)
