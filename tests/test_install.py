@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_package import build_wheel
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -29,8 +31,7 @@ def sh(*cmd: str | Path, env: dict[str, str] | None = None, timeout: int = 1200)
 
 
 def test_the_wheel_installs_into_a_fresh_venv_and_its_commands_work(tmp_path):
-    sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", REPO, "-w", tmp_path)
-    [wheel] = tmp_path.glob("prefmill-*.whl")
+    wheel = build_wheel(tmp_path)
     assert "prefmill-torch-builds.pth" in zipfile.ZipFile(wheel).namelist()
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", venv)  # no --system-site-packages: nothing from this environment
