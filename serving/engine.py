@@ -345,10 +345,13 @@ def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:
 
 
 def chat_prompt(tokenizer, conversation: Conversation):
-    """The token ids `LLM.chat` would send for this conversation (template text, no extra specials)."""
+    """The token ids `LLM.chat` would send for this conversation (template text, no extra specials). A
+    conversation that ends in an assistant turn is continued: the reply goes on from that turn's text."""
     from vllm.inputs import TokensPrompt
 
-    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    prefill = bool(conversation) and conversation[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=not prefill,
+                                         continue_final_message=prefill)
     return TokensPrompt(prompt_token_ids=tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -53,7 +53,8 @@ class OpenAICompatibleClient:
 
     def _chat_one(self, conversation: Conversation, body: dict[str, Any]) -> list[Completion]:
         try:
-            data = self._post("/chat/completions", {**body, "messages": list(conversation)})
+            data = self._post("/chat/completions", {**body, **continuation(conversation),
+                                                    "messages": list(conversation)})
         except ContextWindowExceeded:
             return too_long(body["n"])
         choices = sorted(data["choices"], key=lambda c: c["index"])
@@ -101,6 +102,13 @@ def chat_body(model: str, sampling: Sampling) -> dict[str, Any]:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "output", "schema": sampling.json_schema}}
     return body
+
+
+def continuation(conversation: Conversation) -> dict[str, bool]:
+    """vLLM's request fields that continue a conversation's final assistant turn instead of starting a new one."""
+    if conversation and conversation[-1]["role"] == "assistant":
+        return {"continue_final_message": True, "add_generation_prompt": False}
+    return {}
 
 
 def _completion_tokens(data: dict[str, Any], n: int) -> int:
