@@ -231,6 +231,43 @@ def config_schema() -> None:
 
 
 @app.command()
+def plan(
+    config: Optional[Path] = typer.Argument(None, help="pipeline config (TOML); default: every key's default"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="plan for these GPUs instead of this machine's, "
+                                                                  "e.g. 2x80GiB or 8x40GB (cpu: none)"),
+    set_: list[str] = SetOption,
+) -> None:
+    """Print where a run's models would go: engines per GPU, memory shares, tensor parallelism, the FLR scorer
+    and the embedder. Reads only the models' config.json, so a cluster can be sized from a laptop.
+
+    Example: prefmill plan flows/configs/demo.toml --devices 2x80GiB --set models.simulator=/models/llama-8b
+    """
+    from prefmill.flows.placement import plan_for
+    from prefmill.schemas.config import ConfigError, load_pipeline_config
+    from prefmill.serving.models import ModelSpecError
+    from prefmill.serving.placement import PlacementError
+
+    try:
+        console.print(plan_table(plan_for(load_pipeline_config(config, set_), devices)))
+    except (ConfigError, ModelSpecError, PlacementError, OSError) as exc:
+        _fail(str(exc))
+
+
+def plan_table(plan) -> Table:
+    """A placement plan as a table, its GPUs in the title."""
+    gpus = ", ".join(f"cuda:{d.index} {d.memory / 2**30:.0f} GiB ({d.node})" for d in plan.devices) or "none (CPU)"
+    table = Table("model", "spec", "roles", "device", "TP", "weights GiB", "needs GiB", "gets GiB", "fraction", "note",
+                  title=f"GPUs: {gpus}; GPUs per host: {plan.gpus}")
+    for p in plan.placements:
+        size = plan.sizes.get(p.spec)
+        weights = f"{size.weights(4 if p.kind == 'embedder' else 2) / 2**30:.1f}" if size else "-"
+        table.add_row(p.kind, p.spec, ", ".join(p.roles), p.device_name(), str(p.tensor_parallel_size), weights,
+                      f"{p.need / 2**30:.1f}" if p.devices else "-", f"{p.memory / 2**30:.1f}" if p.devices else "-",
+                      f"{p.fraction:.3f}" if p.fraction is not None else "-", p.note)
+    return table
+
+
+@app.command()
 def chat(
     question: str,
     model: str = typer.Option(DEFAULT_MODEL, help="model spec: see `prefmill models`"),

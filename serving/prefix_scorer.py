@@ -142,7 +142,8 @@ class NaiveScorer:
 
     def score_continuations(self, prefixes: Sequence[Conversation], continuations: Sequence[Message],
                             max_tokens: int | None = None) -> list[ScoredPrefix]:
-        limit = max_tokens or self.engine.config.max_model_len
+        # a scoring prompt must stay below the context window (vLLM generates one token after it)
+        limit = min(max_tokens or self.engine.config.max_model_len, self.engine.config.max_model_len - 1)
         k = len(continuations)
         prompts = self.engine.scoring_prompts([p for p in prefixes for _ in range(k)],
                                               list(continuations) * len(prefixes))
