@@ -27,18 +27,18 @@ class SharedPrefixScorer:
     """
 
     def __init__(self, model: str = "smollm2-135m", device: str | None = None, share_prefix: bool = True,
-                 prefix_batch: int = 8):
+                 prefix_batch: int = 8, loaded: tuple | None = None):
+        """`loaded`: a transformers (model, tokenizer) built already (bench/gpu_check.py's randomly initialised
+        ones) instead of loading the spec `model`, which then only names it."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if prefix_batch < 1:
             raise ValueError(f"prefix_batch must be at least 1, got {prefix_batch}")
         self.name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        path = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        hf_model, self.tokenizer = loaded or _load(model, dtype)
+        self.model = hf_model.to(device=self.device, dtype=dtype).eval()
         self.share_prefix = share_prefix
         self.prefix_batch = prefix_batch
         self.max_tokens = int(getattr(self.model.config, "max_position_embeddings", 4096))
@@ -115,6 +115,14 @@ class SharedPrefixScorer:
         batch = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
         return batch, mask
+
+
+def _load(spec: str, dtype) -> tuple:
+    """The transformers model and tokenizer of a model spec."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
 
 def _arange_rows(mask):
