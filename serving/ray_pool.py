@@ -13,14 +13,18 @@ import os
 import queue
 import socket
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import ray
 
 from prefmill.schemas.config import EngineConfig, PoolConfig, prefmill_home
 from prefmill.serving.hosts import ModelHost, Step, StepRun, run_step
 from prefmill.serving.orphans import OrphanWatchdog
+from prefmill.serving.placement import Device
 from prefmill.serving.protocols import Completion, Conversation, Message, Sampling
+
+if TYPE_CHECKING:
+    from prefmill.serving.placement import Plan
 
 _RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -80,12 +84,35 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     )
 
 
+def cluster_devices(address: str | None = None) -> tuple[Device, ...]:
+    """The GPUs of every live node of the Ray cluster at `address`, each node's GPU memory read there by a
+    one-GPU task (Ray's resources count GPUs, not their memory)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ensure_ray(address, log_to_driver=False)
+    gpu_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]
+    memory = ray.get([_gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                      .remote() for n in gpu_nodes])
+    return tuple(Device(k, mem, node["NodeID"][:12]) for node, mem in zip(gpu_nodes, memory)
+                 for k in range(int(node["Resources"]["GPU"])))
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def _gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
 class _ModelActor:
     """The models of one Ray worker process: the pool's engine is loaded at start, others on first use."""
 
-    def __init__(self, engine_config: EngineConfig, prefix_batch: int = 8):
-        self.host = ModelHost(engine_config, prefix_batch=prefix_batch)
+    def __init__(self, engine_config: EngineConfig, prefix_batch: int = 8, plan: Plan | None = None):
+        self.host = ModelHost(engine_config, prefix_batch=prefix_batch, plan=plan)
         self.engine = self.host.chat_model(engine_config.model)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()[:12]
 
     def run(self, step: Step, rows: Any) -> StepRun:
         return run_step(step, rows, self.host)
@@ -107,9 +134,10 @@ class _ModelActor:
 
 
 class RayEnginePool:
-    """A `LanguageModel` whose work is spread over `config.actors` Ray actors."""
+    """A `LanguageModel` whose work is spread over `config.actors` Ray actors; with a placement `plan` (GPU)
+    each actor reserves the GPUs one host of the plan uses, and places its models on them by the plan."""
 
-    def __init__(self, config: PoolConfig = PoolConfig(), log_to_driver: bool = True):
+    def __init__(self, config: PoolConfig = PoolConfig(), log_to_driver: bool = True, plan: Plan | None = None):
         # a local Ray runtime started here, and this pool's actors, end with this process even on kill -9 (Ray
         # stops its head processes then, not its agents; each actor's engine has a watchdog of its own)
         self._watchdog = OrphanWatchdog()
@@ -117,10 +145,11 @@ class RayEnginePool:
         self.config = config
         self.name = config.engine.model
         # a threaded actor: its `steps_per_actor` concurrent steps share its engine's continuous batch
-        actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+        gpus = plan.gpus if plan is not None and plan.gpus else config.gpus_per_actor
+        actor_class = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=gpus,
                                  max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
                                  max_concurrency=config.steps_per_actor)(_ModelActor)
-        self.actors = [actor_class.remote(_actor_engine_config(config, k), config.prefix_batch)
+        self.actors = [actor_class.remote(_actor_engine_config(config, k, gpus), config.prefix_batch, plan)
                        for k in range(config.actors)]
         self.start_seconds = ray.get([a.ready.remote() for a in self.actors])
         self._idle: queue.Queue = queue.Queue()
@@ -146,6 +175,13 @@ class RayEnginePool:
         pairs = list(zip(conversations, continuations))
         return self._fan_out(pairs, lambda actor, shard: actor.score.remote(shard))
 
+    def actors_per_node(self) -> dict[str, int]:
+        """Where Ray placed the actors: node id → actors (for the run summary)."""
+        nodes: dict[str, int] = {}
+        for node in ray.get([actor.node.remote() for actor in self.actors]):
+            nodes[node] = nodes.get(node, 0) + 1
+        return nodes
+
     def shutdown(self) -> None:
         """Close every actor's engines, then end the actors."""
         ray.get([actor.close.remote() for actor in self.actors])
@@ -160,9 +196,9 @@ class RayEnginePool:
         return in_input_order([pair for part in ray.get(refs) for pair in part], len(items))
 
 
-def _actor_engine_config(config: PoolConfig, index: int) -> EngineConfig:
+def _actor_engine_config(config: PoolConfig, index: int, gpus: float) -> EngineConfig:
     """On a local CPU runtime, give each actor its own cores so engines do not fight over one."""
-    if config.address or config.gpus_per_actor or config.engine.cpu_cores:
+    if config.address or gpus or config.engine.cpu_cores:
         return config.engine
     cores = sorted(os.sched_getaffinity(0))
     mine = split_evenly(cores, config.actors)[index] or cores
