@@ -10,11 +10,12 @@ came out at cosine 1.0), and a shared question made pairs with contradicting ans
 1. Exact: a hash of the normalised prompt + chosen text (`dedup_key`), before any embedding: a new pair
    whose key is already published, or belongs to an earlier new pair of another prompt, is removed.
 2. Semantic: the survivors' prompts and replies are embedded (only theirs: published pairs keep the
-   vectors stored with them) and looked up in a nearest-neighbour index that holds the published pairs
-   and, as the pass goes on, the new pairs kept so far. The index key is the prompt vector (`"prompt"`) or
-   prompt and reply vectors side by side, scaled to unit length (`"pair"`: its cosine is the mean of the
-   two, so every pair with both at or above the threshold is among its nearest neighbours); each hit is
-   then checked part by part. A published pair always wins: it is already in someone's training set.
+   vectors stored with them) and looked up, all in one search, in a nearest-neighbour index that holds the
+   published pairs and the new ones; a new pair counts only its published and earlier kept neighbours. The
+   index key is the prompt vector (`"prompt"`) or prompt and reply vectors side by side, scaled to unit
+   length (`"pair"`: its cosine is the mean of the two, so every pair with both at or above the threshold
+   is among its nearest neighbours); each hit is then checked part by part. A published pair always wins:
+   it is already in someone's training set.
 
 New pairs are visited in one canonical order — highest margin first, then smallest `pair_id` — so the
 survivors are the same whatever order they arrived in. Pairs of the same prompt (a strategy may mine
@@ -36,7 +37,6 @@ from prefmill.schemas.config import DedupOn, DedupSection
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
 from prefmill.serving.protocols import Embedder
 
-BLOCK = 1024
 DEDUP_ON: tuple[str, ...] = DedupOn.__args__
 
 
@@ -47,6 +47,14 @@ class VectorIndex(Protocol):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids), each (len(queries), k), best first; id -1 where fewer than k exist."""
+        ...
+
+    def add_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`add(vectors)`, then `search(vectors, k)` (each finds itself too), in one go for speed."""
+        ...
+
+    def emptied(self) -> VectorIndex:
+        """An empty index built like this one, whose searches probe the same way."""
         ...
 
 
@@ -166,35 +174,24 @@ class Deduper:
 
     def _semantic(self, rows: list[dict], todo: list[int], vectors: PairVectors, old: Published,
                   index_factory: IndexFactory, removed: list[dict]) -> list[int]:
-        """Greedy pass in canonical order, one block at a time: a row is a duplicate when a published or
-        an earlier kept row matches it (found through the index, or within the block)."""
+        """Greedy pass in canonical order: a row is a duplicate when a published or an earlier kept row matches
+        it. One search finds every new row's neighbours among all rows (list by list at scale); the pass counts
+        the published and earlier kept ones among them."""
         if not todo:
             return []
-        keys = vectors.key(self.on)
-        sample = np.concatenate([old.vectors.key(self.on), keys]) if len(old.pair_ids) else keys
-        index = index_factory(keys.shape[1], sample)
-        owners: list[int] = [-j - 1 for j in range(len(old.pair_ids))]  # index id → ref (see `_best`)
-        if owners:
-            index.add(sample[:len(owners)])
-        kept: list[int] = []
-        for start in range(0, len(todo), BLOCK):
-            block = range(start, min(start + BLOCK, len(todo)))
-            found = index.search(keys[start:start + BLOCK], self.neighbors) if owners else None
-            within = keys[start:start + BLOCK] @ keys[start:start + BLOCK].T
-            block_kept: list[int] = []
-            for b, at in enumerate(block):
-                hits = [] if found is None else [(owners[int(h)], float(s))
-                                                 for h, s in zip(found[1][b], found[0][b], strict=True) if h >= 0]
-                hits += [(k, float(within[b, k - start])) for k in block_kept]
-                match = self._best(rows, todo, vectors, at, hits, old)
-                if match:
-                    removed.append(_removal(rows[todo[at]], *match))
-                else:
-                    block_kept.append(at)
-            index.add(keys[block_kept])
-            owners += block_kept
-            kept += [todo[k] for k in block_kept]
-        return kept
+        keys, published = vectors.key(self.on), old.vectors.key(self.on)
+        index = index_factory(keys.shape[1], np.concatenate([published, keys]) if len(published) else keys)
+        index.add(published)
+        near = Neighbours(*index.add_search(keys, self.neighbors + 1), len(published), self._key_threshold())
+        kept_rows = KeptRows(index, published, keys)
+        kept = np.ones(len(todo), bool)
+        for at in near.to_visit():
+            hits = kept_rows.hits(at, kept, self.neighbors) if near.full[at] else near.hits(at, kept, self.neighbors)
+            match = self._best(rows, todo, vectors, at, hits, old)
+            if match:
+                removed.append(_removal(rows[todo[at]], *match))
+                kept[at] = False
+        return [todo[k] for k in np.flatnonzero(kept)]
 
     def _best(self, rows: list[dict], todo: list[int], vectors: PairVectors, at: int,
               hits: list[tuple[int, float]], old: Published) -> tuple[str, int | None, float, float, float, str] | None:
@@ -227,6 +224,52 @@ class Deduper:
     def _similarity(self, prompt_sim: float, reply_sim: float) -> float:
         """The similarity a removal reports: the prompt's (`on = "prompt"`), else the lower of the two."""
         return prompt_sim if self.on == "prompt" else min(prompt_sim, reply_sim)
+
+
+class Neighbours:
+    """Every new row's `k` nearest rows in the index (ids: published rows, then new rows in canonical order) and
+    which of them are close enough to be checked. A row is `full` when even its last neighbour is close: more
+    close rows may lie beyond it."""
+
+    def __init__(self, sims: np.ndarray, ids: np.ndarray, published: int, threshold: float):
+        own = published + np.arange(len(ids))[:, None]
+        self.ids, self.sims, self.published = ids, sims, published
+        self.close = (sims >= threshold) & (ids >= 0) & (ids != own)
+        self.full = (sims[:, -1] >= threshold) & (ids[:, -1] >= 0)
+
+    def to_visit(self) -> np.ndarray:
+        """The rows that may be duplicates; every other row is kept."""
+        return np.flatnonzero(self.close.any(axis=1) | self.full)
+
+    def hits(self, at: int, kept: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(ref, similarity) of row `at`'s `k` nearest close rows that are published or kept before it (refs as
+        in `Deduper._best`): the neighbours an index of those rows alone would return."""
+        refs = [(i - self.published if i >= self.published else -i - 1, float(s))
+                for i, s in zip(self.ids[at][self.close[at]], self.sims[at][self.close[at]], strict=True)]
+        return [(ref, s) for ref, s in refs if ref < 0 or (ref < at and kept[ref])][:k]
+
+
+class KeptRows:
+    """The published rows and the rows kept so far, in an index built like the main one and filled as the pass
+    goes: searched for a `full` row, whose neighbours in the main index may have missed a kept row."""
+
+    def __init__(self, index: VectorIndex, published: np.ndarray, keys: np.ndarray):
+        self.main, self.published, self.keys = index, published, keys
+        self.index: VectorIndex | None = None
+        self.owners: list[int] = [-j - 1 for j in range(len(published))]
+        self.upto = 0
+
+    def hits(self, at: int, kept: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(ref, similarity) of row `at`'s `k` nearest published or earlier kept rows."""
+        if self.index is None:
+            self.index = self.main.emptied()
+            self.index.add(self.published)
+        new = self.upto + np.flatnonzero(kept[self.upto:at])
+        self.index.add(self.keys[new])
+        self.owners += new.tolist()
+        self.upto = at
+        sims, ids = self.index.search(self.keys[at:at + 1], k)
+        return [(self.owners[i], float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,98 @@ def test_the_ivf_index_finds_planted_near_duplicates_like_exact_search():
         base[:3].tolist()
 
 
+class VectorEmbedder:
+    """An embedder that looks each text up in a table of given unit vectors (planted geometry, no encoder)."""
+
+    name = "planted-vectors"
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+
+    def embed(self, texts):
+        return np.stack([self.vectors[t] for t in texts])
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def planted_vectors(n: int, dim: int = 32, flood: int = 40) -> tuple[list[dict], VectorEmbedder, dict[str, str]]:
+    """`n` distinct pairs, a near copy of every tenth (lower margin), a copy of every 25th with the same prompt
+    but another reply (no duplicate by pair), and a flood of `flood` near-identical pairs (more than the index's
+    neighbours); {planted id: original id}."""
+    rng = np.random.default_rng(0)
+    prompts, replies = unit(rng.standard_normal((n, dim))), unit(rng.standard_normal((n, dim)))
+    rows = [pair(f"q{k}", f"a{k}", f"ctx-{k}", 2.0 + k / n, f"base-{k:05d}") for k in range(n)]
+    texts = {f"q{k}": prompts[k] for k in range(n)} | {f"a{k}": replies[k] for k in range(n)}
+    dups = {}
+    for k in range(0, n, 10):
+        texts[f"q{k}'"], texts[f"a{k}'"] = unit(prompts[k] + 0.04 * rng.standard_normal(dim)), unit(
+            replies[k] + 0.04 * rng.standard_normal(dim))
+        rows.append(pair(f"q{k}'", f"a{k}'", f"near-{k}", 1.0, f"near-{k:05d}"))
+        dups[f"near-{k:05d}"] = f"base-{k:05d}"
+    for k in range(5, n, 25):
+        texts[f"x{k}"] = unit(rng.standard_normal(dim))
+        rows.append(pair(f"q{k}", f"x{k}", f"other-{k}", 1.0, f"other-{k:05d}"))
+    for j in range(flood):
+        texts[f"fq{j}"], texts[f"fa{j}"] = unit(prompts[0] + 0.01 * rng.standard_normal(dim)), unit(
+            replies[1] + 0.01 * rng.standard_normal(dim))
+        rows.append(pair(f"fq{j}", f"fa{j}", f"flood-{j}", 0.5, f"flood-{j:02d}"))
+        dups[f"flood-{j:02d}"] = "flood-00"
+    del dups["flood-00"]
+    return rows, VectorEmbedder(texts), dups
+
+
+def greedy(rows: list[dict], embedder: VectorEmbedder, threshold: float, reply_threshold: float) -> dict[str, str]:
+    """The definition, pair by pair against every kept pair, no index: {removed id: the kept pair it duplicates}."""
+    kept, removed = [], {}
+    for row in sorted(rows, key=lambda r: (-r["margin"], r["pair_id"])):
+        p, a = embedder.vectors[row["prompt"][0]["content"]], embedder.vectors[row["chosen"][0]["content"]]
+        scores = [(min(p @ kp, a @ ka), pid) for pid, ctx, kp, ka in kept if ctx != row["prompt_id"]
+                  and p @ kp >= threshold and a @ ka >= reply_threshold]
+        if scores:
+            removed[row["pair_id"]] = max(scores)[1]
+        else:
+            kept.append((row["pair_id"], row["prompt_id"], p, a))
+    return removed
+
+
+def test_the_pass_removes_what_the_greedy_definition_removes_floods_included():
+    rows, embedder, dups = planted_vectors(2000)
+    result = Deduper()(table(rows), embedder, make_index)
+    removed = {r["removed_pair_id"]: r["duplicate_of"] for r in result.removed.to_pylist()}
+    assert removed == greedy(rows, embedder, Deduper().threshold, Deduper().reply_threshold)
+    assert removed == dups  # every planted copy and flood member, nothing else (same-prompt other replies kept)
+
+
+def ivf(list_batch: float):
+    return lambda dim, sample: FaissIndex(dim, sample, exact_limit=1000, list_batch=list_batch)
+
+
+def test_the_list_batched_search_finds_the_same_duplicates_as_the_plain_search_and_prints_nothing(capfd):
+    rows, embedder, dups = planted_vectors(7000)
+    capfd.readouterr()
+    batched = Deduper()(table(rows), embedder, ivf(0)).removed.to_pylist()
+    assert capfd.readouterr() == ("", "")
+    plain = Deduper()(table(rows), embedder, ivf(float("inf"))).removed.to_pylist()
+    assert batched == plain
+    found = {r["removed_pair_id"]: r["duplicate_of"] for r in batched}
+    assert len(found.keys() - dups.keys()) == 0 and len(found.items() & dups.items()) >= 0.95 * len(dups)
+
+
+def test_add_search_returns_the_neighbours_of_faiss_own_search():
+    rng = np.random.default_rng(1)
+    x = unit(rng.standard_normal((6000, 48)))
+    x[3000:] = unit(x[:3000] + 0.05 * rng.standard_normal((3000, 48)))
+    batched = FaissIndex(48, x, exact_limit=1000, list_batch=0)
+    sims, ids = batched.add_search(x, 3)
+    reference = batched.emptied()
+    reference.index.add(x)  # faiss's own assignment and per-query search
+    plain_sims, plain_ids = reference.index.search(x, 3)
+    assert (ids == plain_ids).mean() > 0.999 and np.allclose(sims, plain_sims, atol=1e-5)
+    assert (ids[3000:, 1] == np.arange(3000)).mean() > 0.95 and len(reference) == len(batched) == 6000
+
+
 LEGACY_EMBEDDINGS = pa.schema([("pair_id", pa.string()), ("prompt_id", pa.string()), ("dedup_key", pa.string()),
                                ("embedder", pa.string()), ("vector", pa.list_(pa.float32())), ("run_id", pa.string())])
 
