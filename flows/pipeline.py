@@ -28,15 +28,16 @@ from prefect.futures import PrefectFuture, as_completed, wait
 
 from prefmill.flows.report import create_artifacts, dataset_card
 from prefmill.flows.results import RunResult, StageStats
-from prefmill.flows.stages import Stage, build_stages
+from prefmill.flows.stages import Stage, build_stages, seed_quarantine
 from prefmill.operators.dedup import Deduper, DedupResult, has_pair_vectors, with_pair_vectors
 from prefmill.operators.ids import stable_id
 from prefmill.operators.pairs import MinedPairs, PairMiner
 from prefmill.operators.seeds import BUILTIN_SEEDS, load_seeds
 from prefmill.schemas.config import PipelineConfig, PoolConfig, settings, validate_pipeline_config
-from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, SCHEMAS
+from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIR_REJECTS, PAIRS, SCHEMAS
 from prefmill.serving.factory import open_pool as serving_pool
 from prefmill.serving.hosts import StepRun
+from prefmill.serving.models import model_identity
 from prefmill.storage.catalog import Catalog
 from prefmill.storage.shards import ShardStore, StoredShard
 
@@ -185,13 +186,15 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None, repor
     if result.versions:
         result.already_published = True
         return result
+    stages = build_stages(cfg)
+    quarantine = pa.concat_tables([loaded.quarantine, seed_quarantine(stages, seeds)])
     with RunModels(cfg, pool) as models:
-        shards = run_stages(build_stages(cfg), shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()),
-                            result, reporter)
-    tables = collect(shards, seeds, loaded.quarantine)
-    mined = timed(result, "pairs", mine_pairs, cfg, tables, result.run_id)
+        shards = run_stages(stages, shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()), result,
+                            reporter)
+    tables = collect(shards, seeds, quarantine)
+    mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id)
     deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id)
-    result.tables = published_tables(cfg, tables, mined, deduped)
+    result.tables = published_tables(cfg, stages, tables, mined, deduped)
     result.card = dataset_card(cfg, result)
     result.versions = timed(result, "publish", publish, cfg, catalog, result)
     result.wall_seconds = time.perf_counter() - started
@@ -273,11 +276,33 @@ def collect(shards: list[Shard], seeds: pa.Table, quarantine: pa.Table) -> dict[
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def mine_pairs(cfg: PipelineConfig, tables: dict[str, pa.Table], run: str) -> MinedPairs:
-    """Chosen/rejected pairs from every candidate's reward (and factuality when critiques ran)."""
+def all_pairs(cfg: PipelineConfig, stages: list[Stage], tables: dict[str, pa.Table], run: str) -> MinedPairs:
+    """Every source's pairs and reject rows as one table each, tagged with the run, its iteration and the
+    policy's identity (spec + a hash of its files), so rounds of SPIN/IRPO can be told apart by SQL."""
+    parts = [mine_pairs(cfg, tables)] if "candidates" in tables else []
+    parts += [MinedPairs(tables[pairs], tables[rejects]) for s in stages if s.pair_tables
+              for pairs, rejects in [s.pair_tables]]
+    tags = {"run_id": run, "iteration": cfg.iteration, "policy_id": model_identity(cfg.models.assistant)}
+    pairs = pa.concat_tables([PAIRS.empty_table(), *(p.pairs for p in parts)])
+    rejects = pa.concat_tables([PAIR_REJECTS.empty_table(), *(p.rejects for p in parts)])
+    return MinedPairs(with_values(pairs, tags), with_values(rejects, {"run_id": run}))
+
+
+def mine_pairs(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> MinedPairs:
+    """Self-chat's chosen/rejected pairs from every candidate's reward (and factuality when critiques ran)."""
     critiques = tables.get("critiques")
     miner = PairMiner(**settings(PairMiner, cfg.pairs) | ({} if critiques is not None else {"factuality_weight": 0.0}))
-    return miner(tables["candidates"], tables["rewards"], critiques, run_id=run)
+    mined = miner(tables["candidates"], tables["rewards"], critiques)
+    return MinedPairs(with_values(mined.pairs, {"source": "selfchat"}),
+                      with_values(mined.rejects, {"source": "selfchat"}))
+
+
+def with_values(table: pa.Table, values: dict[str, Any]) -> pa.Table:
+    """`table` with each named column set to one value in every row."""
+    for name, value in values.items():
+        column = pa.array([value] * table.num_rows, table.schema.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -297,10 +322,12 @@ def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str
     return Deduper(**settings(Deduper, cfg.dedup))(pairs, embedder, make_index, published, run_id=run)
 
 
-def published_tables(cfg: PipelineConfig, tables: dict[str, pa.Table], mined: MinedPairs, deduped: DedupResult
-                     ) -> dict[str, pa.Table]:
-    """What a run publishes: the stage tables, the pairs, their embeddings and the reject and dedup reports."""
-    return {**{k: v for k, v in tables.items() if k != "quarantine" or v.num_rows},
+def published_tables(cfg: PipelineConfig, stages: list[Stage], tables: dict[str, pa.Table], mined: MinedPairs,
+                     deduped: DedupResult) -> dict[str, pa.Table]:
+    """What a run publishes: the stage tables (a source's pairs and rejects join the pairs dataset and the
+    reject report instead), the pairs, their embeddings and the reject and dedup reports."""
+    merged = {name for s in stages for name in (s.pair_tables or ())}
+    return {**{k: v for k, v in tables.items() if k not in merged and (k != "quarantine" or v.num_rows)},
             cfg.dataset: deduped.pairs, f"{cfg.dataset}_embeddings": deduped.embeddings,
             "pair_rejects": mined.rejects, "dedup_removed": deduped.removed}
 

@@ -1,4 +1,6 @@
-"""Seeds: questions (or topics) with an optional persona, source documents and reference answer.
+"""Seeds: questions (or topics) with an optional persona, source documents and reference answer, and for the
+gold-anchored sources a short `final_answer` to verify (with its `answer_type`, `math` by default) and a worked
+`gold_solution`.
 
 `load_seeds` reads JSONL, CSV or Parquet. A bad row is quarantined with its file, line and reason and
 the rest goes on; a file with no usable row is an error. Seed ids hash the content, so the same seed
@@ -17,11 +19,13 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from prefmill.operators.ids import stable_id
+from prefmill.operators.verify import ANSWER_TYPES, gold_problem
 from prefmill.schemas.tables import QUARANTINE, SEEDS
 
 BUILTIN_SEEDS = Path(__file__).with_name("data") / "builtin_seeds.jsonl"
 MAX_TEXT_CHARS = 20_000
-TEXT_FIELDS = ("question", "persona", "reference_answer", "domain")
+TEXT_FIELDS = ("question", "persona", "reference_answer", "domain", "final_answer", "answer_type", "gold_solution")
+DEFAULT_ANSWER_TYPE = ANSWER_TYPES[0]
 
 
 class SeedFileError(ValueError):
@@ -180,6 +184,8 @@ def _seed_row(raw: Any, where: str, max_chars: int) -> tuple[dict | None, str | 
     if question is None:
         return None, "missing field 'question' (or 'topic')"
     fields = {"question": question, **{f: raw.get(f) for f in TEXT_FIELDS[1:]}}
+    if isinstance(fields["final_answer"], (int, float)) and not isinstance(fields["final_answer"], bool):
+        fields["final_answer"] = str(fields["final_answer"])  # a JSON number is a fine gold answer
     for name, value in fields.items():
         problem = _text_problem(name, value, max_chars, required=name == "question")
         if problem:
@@ -188,8 +194,19 @@ def _seed_row(raw: Any, where: str, max_chars: int) -> tuple[dict | None, str | 
     if problem:
         return None, problem
     fields = {k: (v.strip() if isinstance(v, str) and v.strip() else None) for k, v in fields.items()}
+    problem = _answer_problem(fields)
+    if problem:
+        return None, problem
     return {"seed_id": seed_id(fields["question"], fields["persona"], documents), **fields,
             "documents": documents, "source": where}, None
+
+
+def _answer_problem(fields: dict) -> str | None:
+    """Why the gold answer cannot be verified (its type defaults to math), else None."""
+    if fields["final_answer"] is None:
+        return None
+    fields["answer_type"] = fields["answer_type"] or DEFAULT_ANSWER_TYPE
+    return gold_problem(fields["final_answer"], fields["answer_type"])
 
 
 def _text_problem(name: str, value: Any, max_chars: int, required: bool) -> str | None:

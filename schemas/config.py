@@ -89,6 +89,8 @@ class ModelsSection(_Section):
     simulator: str | None = Field(default=None, description="plays the user in self-chat; None: the assistant")
     scorer: str | None = Field(default=None, description="scores follow-up likelihoods (FLR); None: the assistant")
     critic: str | None = Field(default=None, description="splits, judges and revises claims; None: the assistant")
+    judge: str | None = Field(default=None, description="finds the first wrong step of a solution "
+                                                       "(step_dpo.locator = judge); None: the assistant")
     embedder: str = Field(default="all-minilm-l6-v2", description="sentence-transformers model for dedup (the "
                                                                   "packaged all-MiniLM-L6-v2, a folder or a hub id)")
 
@@ -96,7 +98,7 @@ class ModelsSection(_Section):
         """Every role's model spec, defaults filled in."""
         return {"assistant": self.assistant, "simulator": self.simulator or self.assistant,
                 "scorer": self.scorer or self.assistant, "critic": self.critic or self.assistant,
-                "embedder": self.embedder}
+                "judge": self.judge or self.assistant, "embedder": self.embedder}
 
 
 class SelfChatSection(_Section):
@@ -191,6 +193,66 @@ class DedupSection(_Section):
                                                     "reply; prompt: a similar prompt alone, whatever it answers")
 
 
+class SourcesSection(_Section):
+    """Where a run's pairs come from; several sources publish into the one pairs dataset (its `source` column)."""
+
+    selfchat: bool = Field(default=True, description="self-chat candidates ranked by FLR and claim critiques")
+    irpo: bool = Field(default=False, description="verifier-graded reasoning: correct vs wrong solutions of seeds "
+                                                  "with a final_answer (IRPO)")
+    step_dpo: bool = Field(default=False, description="first-wrong-step pairs from IRPO's wrong solutions "
+                                                      "(Step-DPO); needs irpo")
+    spin: bool = Field(default=False, description="the seed's reference_answer vs the policy's own reply (SPIN)")
+
+
+SOLVE_INSTRUCTION = ("Solve the problem step by step. Write each step on its own line, then end with a last line "
+                     "of the form \"Final answer: <answer>\".")
+
+
+class IRPOSection(_Section):
+    """Verifier-graded reasoning pairs (IRPO): N solutions per question, checked against its final_answer."""
+
+    samples: int = Field(default=8, ge=2, description="chain-of-thought solutions sampled per question")
+    max_pairs: int = Field(default=4, ge=1, description="pairs per question at most (each solution in one pair)")
+    temperature: float = Field(default=0.8, ge=0.0, description="sampling temperature of the solutions")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="nucleus sampling of the solutions")
+    max_tokens: int = Field(default=256, ge=1, description="tokens of one solution at most")
+    seed: int = Field(default=0, description="solution k of a question uses seed + k")
+    instruction: str = Field(default=SOLVE_INSTRUCTION, description="appended to each question; must ask for a "
+                                                                    "last line 'Final answer: …'")
+    numeric_tolerance: float = Field(default=1e-6, ge=0.0, description="relative tolerance of answer_type "
+                                                                       "numeric")
+
+
+class StepDPOSection(_Section):
+    """First-wrong-step pairs (Step-DPO) from IRPO's wrong solutions: locate the step, resample it."""
+
+    locator: Literal["rollouts", "judge"] = Field(default="rollouts", description="rollouts: Math-Shepherd-style "
+                                                  "continuations from each step prefix, checked by the verifier; "
+                                                  "judge: models.judge reads the seed's gold_solution (rollouts "
+                                                  "when it has none or the answer does not parse)")
+    solutions_per_question: int = Field(default=2, ge=1, description="wrong solutions examined per question")
+    rollouts: int = Field(default=4, ge=1, description="continuations sampled from each step prefix")
+    max_rollouts: int = Field(default=32, ge=1, description="rollout budget per solution (prefixes probed = "
+                                                            "max_rollouts // rollouts)")
+    wrong_rate: float = Field(default=0.0, ge=0.0, lt=1.0, description="a step is wrong when at most this share "
+                                                                       "of the continuations after it verify")
+    rectify_samples: int = Field(default=8, ge=1, description="continuations sampled from the prefix before the "
+                                                              "wrong step to find a verified rectification")
+    temperature: float = Field(default=0.8, ge=0.0, description="sampling temperature of rollouts and "
+                                                                "rectifications")
+    max_tokens: int = Field(default=256, ge=1, description="tokens of one continuation at most")
+    seed: int = Field(default=0, description="base sampling seed of rollouts and rectifications")
+
+
+class SPINSection(_Section):
+    """Gold-vs-own pairs (SPIN): the seed's reference_answer against the policy's own reply."""
+
+    temperature: float = Field(default=1.0, ge=0.0, description="sampling temperature of the policy's reply")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling of the policy's reply")
+    max_tokens: int = Field(default=256, ge=1, description="tokens of the policy's reply at most")
+    seed: int = Field(default=0, description="sampling seed of the policy's replies")
+
+
 class RaySection(_Section):
     """The Ray actor pool of `backend = "ray"`: each actor holds the run's models."""
 
@@ -201,6 +263,25 @@ class RaySection(_Section):
                                                                    "per GPU)")
     steps_per_actor: int = Field(default=4, ge=1, description="shard steps an actor runs at once; their requests "
                                                               "share its engine's continuous batch")
+
+
+class PlacementSection(_Section):
+    """How a run's models share GPUs (`prefmill plan` prints the plan); on a machine without GPUs nothing changes."""
+
+    reserve_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="share of every GPU kept free (CUDA "
+                                                                             "context, NCCL buffers, fragmentation; "
+                                                                             "vLLM's own default leaves 0.1)")
+    activation_gib: float = Field(default=2.0, ge=0.0, description="GPU memory per model for its forward passes "
+                                                                   "(vLLM's profile run and CUDA graphs, a scorer's "
+                                                                   "or the embedder's batch), besides weights and "
+                                                                   "KV cache")
+    flr_scorer: Literal["auto", "engine", "transformers"] = Field(
+        default="auto", description="on GPU, how FLR scores: engine (vLLM prompt logprobs, no second copy of the "
+                                    "weights), transformers (prefix-shared scorer), auto: the engine when one "
+                                    "serves the scorer's spec or the transformers scorer fits no GPU. CPU: always "
+                                    "transformers")
+    embedder_device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: a GPU with room "
+                                                                                        "left, else CPU")
 
 
 class PoolConfig(RaySection):
@@ -222,6 +303,12 @@ class PipelineConfig(_Section):
     critiques: CritiquesSection = CritiquesSection()
     pairs: PairsSection = PairsSection()
     dedup: DedupSection = DedupSection()
+    sources: SourcesSection = SourcesSection()
+    irpo: IRPOSection = IRPOSection()
+    step_dpo: StepDPOSection = StepDPOSection()
+    spin: SPINSection = SPINSection()
+    iteration: int = Field(default=0, ge=0, description="the round of an iterative method (SPIN/IRPO): recorded "
+                                                        "in every pair with the policy model's identity")
     dataset: str = Field(default="pairs", pattern=r"^[a-z][a-z0-9_]{0,40}$", description="name of the pairs dataset")
     shard_size: int = Field(default=4, ge=1, description="seeds per shard (the unit of fan-out and resume)")
     backend: Literal["engine", "ray", "http"] = Field(default="engine", description="where the model work runs: "
@@ -229,6 +316,7 @@ class PipelineConfig(_Section):
                                                                                    "actors, http on a server at url")
     url: str | None = Field(default=None, description="OpenAI-compatible server (backend http)")
     ray: RaySection = RaySection()
+    placement: PlacementSection = PlacementSection()
     engine: EngineConfig = EngineConfig()
     catalog: str | None = Field(default=None, description="catalog folder, or a PostgreSQL target (postgres:…); "
                                                           "None: $PREFMILL_HOME/catalog")
@@ -244,6 +332,14 @@ class PipelineConfig(_Section):
                              "'http://127.0.0.1:8000/v1' or --set url=http://127.0.0.1:8000/v1")
         return self
 
+    @model_validator(mode="after")
+    def _sources_make_pairs(self) -> PipelineConfig:
+        if not any(self.sources.model_dump().values()):
+            raise ValueError("sources: every source is off; turn one on, e.g. sources.selfchat = true")
+        if self.sources.step_dpo and not self.sources.irpo:
+            raise ValueError("sources.step_dpo needs sources.irpo = true: it starts from IRPO's wrong solutions")
+        return self
+
     def fingerprint(self) -> str:
         """The hash of everything that shapes the data (not where it is stored or which backend runs it)."""
         return config_hash(self.model_dump(mode="json", exclude=_NOT_HASHED))
@@ -252,7 +348,7 @@ class PipelineConfig(_Section):
         return Path(self.result_storage).expanduser() if self.result_storage else prefmill_home() / "results"
 
 
-_PLACEMENT = {"backend", "url", "ray", "catalog", "result_storage", "run_id"}
+_PLACEMENT = {"backend", "url", "ray", "placement", "catalog", "result_storage", "run_id"}
 _NOT_HASHED = {key: True for key in _PLACEMENT} | {"flr": {"prefix_batch"}}  # where and how fast, not what
 
 

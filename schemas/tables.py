@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
@@ -56,6 +56,9 @@ SEEDS = _schema(
         ("documents", pa.list_(pa.string())),
         ("reference_answer", pa.string()),
         ("domain", pa.string()),
+        ("final_answer", pa.string()),
+        ("answer_type", pa.string()),
+        ("gold_solution", pa.string()),
         ("source", pa.string()),
     ],
 )
@@ -121,6 +124,26 @@ CRITIQUES = _schema(
     ],
 )
 
+SOLUTIONS = _schema(
+    "solutions",
+    [
+        ("solution_id", pa.string()),
+        ("seed_id", pa.string()),
+        ("prompt", MESSAGES),
+        ("solution", pa.string()),
+        ("sample_index", pa.int32()),
+        ("sampling_seed", pa.int64()),
+        ("num_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("answer", pa.string()),
+        ("is_correct", pa.bool_()),
+        ("verify_reason", pa.string()),
+        ("final_answer", pa.string()),
+        ("answer_type", pa.string()),
+        ("model", pa.string()),
+    ],
+)
+
 PAIRS = _schema(
     "pairs",
     [
@@ -151,6 +174,20 @@ PAIRS = _schema(
         ("scorer_model", pa.string()),
         ("critic_model", pa.string()),
         ("run_id", pa.string()),
+        ("source", pa.string()),
+        ("iteration", pa.int32()),
+        ("policy_id", pa.string()),
+        ("pass_rate", pa.float64()),
+        ("chosen_is_correct", pa.bool_()),
+        ("rejected_is_correct", pa.bool_()),
+        ("chosen_answer", pa.string()),
+        ("rejected_answer", pa.string()),
+        ("gold_answer", pa.string()),
+        ("step_index", pa.int32()),
+        ("step_success_rates", pa.list_(pa.float64())),
+        ("step_locator", pa.string()),
+        ("chosen_solution", pa.string()),
+        ("rejected_solution", pa.string()),
     ],
 )
 
@@ -178,6 +215,8 @@ PAIR_REJECTS = _schema(
         ("num_candidates", pa.int32()),
         ("best_margin", pa.float64()),
         ("run_id", pa.string()),
+        ("source", pa.string()),
+        ("pass_rate", pa.float64()),
     ],
 )
 
@@ -211,7 +250,7 @@ QUARANTINE = _schema(
 
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"prefmill.schema"].decode(): s
-    for s in (SEEDS, CONVERSATIONS, CANDIDATES, REWARDS, CRITIQUES, PAIRS, PAIR_EMBEDDINGS, PAIR_REJECTS,
+    for s in (SEEDS, CONVERSATIONS, CANDIDATES, REWARDS, CRITIQUES, SOLUTIONS, PAIRS, PAIR_EMBEDDINGS, PAIR_REJECTS,
               DEDUP_REMOVED, QUARANTINE)
 }
 

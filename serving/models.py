@@ -8,6 +8,7 @@ materialized once into a bf16 safetensors folder under the prefmill home, atomic
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 import shutil
@@ -62,6 +63,36 @@ def resolve_model(spec: str, home: Path | None = None) -> str:
             "nor a hub id like 'HuggingFaceTB/SmolLM2-360M-Instruct'"
         )
     return spec
+
+
+SAMPLED_BYTES = 1 << 20  # bytes read per sample of a weights file
+SAMPLES_PER_FILE = 8
+
+
+def model_identity(spec: str, home: Path | None = None) -> str:
+    """`spec@<hash>`: what tells one iteration's policy from the next (same spec, new weights). The hash covers
+    the folder's file names and sizes, `config.json`, and evenly spaced 1 MiB samples of every other file (a
+    fine-tuned model differs everywhere; reading a 16 GB model whole would take minutes). A hub id not in a
+    local folder is `spec@hub`."""
+    resolved = Path(resolve_model(spec, home))
+    if not resolved.is_dir():
+        return f"{spec}@hub"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in resolved.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(resolved)}:{path.stat().st_size}".encode())
+        digest.update(path.read_bytes() if path.name == "config.json" else _samples(path))
+    return f"{spec}@{digest.hexdigest()[:16]}"
+
+
+def _samples(path: Path) -> bytes:
+    size = path.stat().st_size
+    starts = sorted({i * max(size - SAMPLED_BYTES, 0) // (SAMPLES_PER_FILE - 1) for i in range(SAMPLES_PER_FILE)})
+    chunks = []
+    with open(path, "rb") as handle:
+        for start in starts:
+            handle.seek(start)
+            chunks.append(handle.read(SAMPLED_BYTES))
+    return b"".join(chunks)
 
 
 def materialize_embedded(home: Path | None = None) -> Path:

@@ -7,6 +7,9 @@ A stage is a small frozen dataclass holding its operators' configuration, with
 - `roles()`: the models it needs, role → `ModelRole` (spec and kind), so placement can be planned before
   anything loads;
 - `from_config(cfg)`: the stage built from its own config section, or None when the config turns it off;
+- `seed_fields`: the seed fields it needs (a run where no seed has them fails before any model loads; a seed
+  without them is quarantined for this stage, which skips it), and `pair_tables`: the names of the pairs and
+  reject tables it produces (a pair source's output joins the one pairs dataset, with its `source`);
 - `__call__(tables, models)`: the work, where `models` gives `chat_model(spec)` and `scorer(spec)`.
 Its `fingerprint()` hashes its configuration and the source of every repository module its code imports,
 transitively, plus the serving code behind its model roles, so a changed algorithm is never served from a
@@ -56,6 +59,8 @@ class Stage:
     label: ClassVar[str] = ""  # what a progress bar calls it (default: its name)
     consumes: ClassVar[tuple[str, ...]]
     produces: ClassVar[tuple[str, ...]]
+    seed_fields: ClassVar[tuple[str, ...]] = ()  # seed fields it needs; a seed without one is quarantined for it
+    pair_tables: ClassVar[tuple[str, str] | None] = None  # (pairs, rejects) it produces for the pairs dataset
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> Stage | None:
@@ -66,6 +71,10 @@ class Stage:
 
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
         raise NotImplementedError
+
+    def takes(self, seed: dict) -> bool:
+        """Whether `seed` has every field this stage needs (the others are quarantined before the run)."""
+        return all(seed.get(name) for name in self.seed_fields)
 
     def fingerprint(self) -> str:
         """A hash of the stage's configuration (its fields, model specs included) and of the source of every

@@ -35,7 +35,7 @@ class CritiqueStage(Stage):
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> CritiqueStage | None:
         k = cfg.critiques
-        if not k.enabled:
+        if not (k.enabled and cfg.sources.selfchat):
             return None
         index = DocumentIndex(load_documents(k.documents)) if k.documents else None
         models = cfg.models.resolved()

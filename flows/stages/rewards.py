@@ -28,7 +28,9 @@ class RewardStage(Stage):
     produces = ("rewards",)
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> RewardStage:
+    def from_config(cls, cfg: PipelineConfig) -> RewardStage | None:
+        if not cfg.sources.selfchat:
+            return None
         return cls(follow_up_reward(cfg), cfg.models.resolved()["scorer"])
 
     def roles(self) -> dict[str, ModelRole]:

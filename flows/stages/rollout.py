@@ -25,7 +25,9 @@ class RolloutStage(Stage):
     produces = ("conversations", "candidates")
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> RolloutStage:
+    def from_config(cls, cfg: PipelineConfig) -> RolloutStage | None:
+        if not cfg.sources.selfchat:
+            return None
         models = cfg.models.resolved()
         rollout = Rollout(SelfChat(**settings(SelfChat, cfg.selfchat)),
                           CandidateSampler(**settings(CandidateSampler, cfg.candidates)), cfg.candidates.contexts)
