@@ -183,3 +183,39 @@ def test_prefmill_plan_prints_the_table_for_a_hypothetical_inventory(tmp_path):
     assert len(rows) == 2 and "cuda:0" in rows[0] and "cuda:1" in rows[1] and "0.900" in rows[1]
     refused = CliRunner().invoke(app, [*args[:2], "1x16GiB", *args[3:]], env={"COLUMNS": "250"})
     assert refused.exit_code == 2 and "placement impossible" in refused.output
+
+
+@pytest.mark.slow
+def test_a_simulator_in_another_model_folder_gets_a_second_engine_in_the_same_host(engine, model_path, tmp_path):
+    """Real end to end on CPU: the simulator is a second materialised copy of the embedded model under its own
+    spec, so the run's host holds two engines (assistant and simulator) and both answer; the CPU plan the
+    host is given changes nothing."""
+    import shutil
+
+    from prefmill.flows.pipeline import pipeline_flow
+    from prefmill.schemas.config import load_pipeline_config
+    from prefmill.serving.engine import VLLMEngine
+    from prefmill.serving.hosts import LocalPool
+    from prefmill.storage.catalog import Catalog
+
+    simulator = str(shutil.copytree(model_path, tmp_path / "simulator-copy"))
+    cfg = load_pipeline_config(None, ["seeds.limit=2", "shard_size=1", "selfchat.max_turns=2",
+                                      "selfchat.max_tokens_per_turn=24", "selfchat.simulator_max_tokens=24",
+                                      "candidates.n=2", "candidates.max_tokens=24", "critiques.enabled=false",
+                                      f'models.simulator="{simulator}"', f'catalog="{tmp_path / "catalog"}"',
+                                      f'result_storage="{tmp_path / "results"}"'])
+    plan = plan_for(cfg)
+    assert [(p.kind, p.spec) for p in plan.placements if p.kind == "engine"] == [
+        ("engine", "smollm2-135m"), ("engine", simulator)]
+    host = ModelHost(EngineConfig(cpu_kv_cache_gib=0.25), preloaded={"smollm2-135m": engine}, plan=plan)
+    try:
+        result = pipeline_flow(pool=LocalPool(host))(cfg.model_dump(mode="json"))
+        opened = host._models[simulator]
+        assert isinstance(opened, VLLMEngine) and opened is not engine
+    finally:
+        host.close()
+    conversations = Catalog(cfg.catalog).read("conversations").to_pylist()
+    assert {(c["assistant_model"], c["simulator_model"]) for c in conversations} == {("smollm2-135m", simulator)}
+    for c in conversations:  # each reached the simulator's engine: its turn was kept, refused by a gate, or ended it
+        assert len(c["messages"]) > 2 or c["gates"] or c["ended_by"] == "user_ended", c
+    assert result.stages["rollout"].requests > 0 and result.stages["rewards"].requests > 0
