@@ -130,10 +130,11 @@ def _body(dataset: str, history: list[Version], table: pa.Table, pictures: list[
     version = history[-1]
     sections = [
         f"# {dataset}, version {version.version}\n",
-        "Synthetic preference pairs made by prefmill (self-chat, candidate replies, follow-up likelihood rewards, "
-        "claim critiques). Format: TRL explicit conversational — `prompt` is a list of messages, `chosen` and "
-        "`rejected` hold one assistant message each — plus ids, scores and soft labels.\n",
-        "## Counts\n", _counts(table),
+        "Synthetic preference pairs made by prefmill (by `source`: self-chat candidates ranked by follow-up "
+        "likelihood rewards and claim critiques; verifier-graded solutions, IRPO; first wrong steps, Step-DPO; "
+        "gold vs own replies, SPIN). Format: TRL explicit conversational — `prompt` is a list of messages, "
+        "`chosen` and `rejected` hold one assistant message each — plus ids, scores and soft labels.\n",
+        "## Counts\n", _counts(table), _training_notes(table),
         "## Score distributions\n", *[f"![{p.stem}]({p.name})\n" for p in pictures], _stats(table),
         "## Lineage\n", _lineage_table(history),
         "```json\n" + json.dumps({k: v for k, v in version.lineage.items() if k not in ("config", "card")},
@@ -153,10 +154,26 @@ def _counts(table: pa.Table) -> str:
         column = f"{side}_revised_from"
         if column in table.column_names:
             rows.append((f"{side} replies revised by the critic", table.num_rows - table.column(column).null_count))
-    for column in ("strategy", "policy_model", "scorer_model", "critic_model"):
+    for column in ("source", "iteration", "strategy", "policy_model", "policy_id", "scorer_model", "critic_model"):
         if column in table.column_names:
             rows.append((column, _tally(table.column(column))))
     return _markdown_table(("", "count"), rows)
+
+
+TRAINING_NOTES = {
+    "irpo": "IRPO pairs train with DPO plus an NLL term on the chosen solution: TRL's `DPOConfig(rpo_alpha=1.0)`.",
+    "step_dpo": "A Step-DPO prompt ends with an assistant turn holding the correct steps so far; TRL's chat template "
+                "continues it, so `chosen`/`rejected` are the next step only.",
+    "spin": "SPIN pairs choose the gold answer over iteration `iteration`'s own reply; select earlier iterations' "
+            "pairs by SQL (`WHERE iteration < n`) to mix them in.",
+}
+
+
+def _training_notes(table: pa.Table) -> str:
+    """How to train on the sources present (IRPO's NLL term, Step-DPO's continued prompt, SPIN's rounds)."""
+    sources = set(table.column("source").to_pylist()) if "source" in table.column_names else set()
+    notes = [f"- {TRAINING_NOTES[s]}" for s in sorted(sources) if s in TRAINING_NOTES]
+    return "\n## Training\n\n" + "\n".join(notes) + "\n" if notes else ""
 
 
 def _tally(column: pa.ChunkedArray) -> str:

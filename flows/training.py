@@ -1,8 +1,10 @@
 """Export a pairs version as train/test Parquet splits in the layout TRL and `datasets` read.
 
 The files hold TRL's explicit conversational preference format (`prompt` = message list, `chosen` /
-`rejected` = one assistant message each) plus ids and soft labels, which `DPOTrainer` drops on its own
-(`remove_unused_columns`). Splits are made by prompt, so every pair of one prompt lands in the same split
+`rejected` = one assistant message each) plus ids, soft labels and each pair's source, which `DPOTrainer` drops
+on its own (`remove_unused_columns`). A Step-DPO prompt ends with an assistant turn (the correct steps so far),
+which TRL's chat template continues. IRPO pairs train with DPO plus an NLL term on the chosen side
+(`DPOConfig(rpo_alpha=1.0)`). Splits are made by prompt, so every pair of one prompt lands in the same split
 and the test split never shares a context with training.
 """
 
@@ -22,7 +24,8 @@ from prefmill.storage.catalog import Catalog, CatalogError
 
 TRL_COLUMNS = ["prompt", "chosen", "rejected"]
 EXTRA_COLUMNS = ["pair_id", "prompt_id", "seed_id", "score_chosen", "score_rejected", "margin", "chosen_win_prob",
-                 "chosen_mean_win_prob", "rejected_mean_win_prob", "strategy"]
+                 "chosen_mean_win_prob", "rejected_mean_win_prob", "strategy", "source", "iteration", "policy_id",
+                 "step_index"]
 DATA_DIR = "data"
 
 

@@ -105,3 +105,17 @@ def test_pairs_record_the_iteration_and_policy_and_skipped_seeds_are_quarantined
     quarantined = catalog.sql("SELECT stage, reason FROM quarantine").to_pylist()
     assert {q["stage"] for q in quarantined} == {"irpo", "step_dpo", "spin"}
     assert all("missing field" in q["reason"] for q in quarantined)
+
+
+def test_the_card_and_trl_export_say_how_to_train_each_source(gold_run, tmp_path):
+    from prefmill.flows.card import write_card
+    from prefmill.flows.training import export_trl
+
+    _, catalog, _ = gold_run
+    card = write_card(catalog, "pairs", tmp_path / "card").read_text()
+    assert "rpo_alpha" in card and "continues it" in card and "iteration" in card
+    export = export_trl(catalog, "pairs", tmp_path / "trl", test_size=0.0)
+    import pyarrow.parquet as pq
+
+    train = pq.read_table(next((tmp_path / "trl" / "data").glob("train-*.parquet")))
+    assert export.rows["train"] == train.num_rows and {"source", "iteration", "policy_id"} <= set(train.column_names)
