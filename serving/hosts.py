@@ -8,10 +8,11 @@ needs). The in-process `LocalPool` and the Ray pool (`serving.ray_pool.RayEngine
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Sequence
 
 from prefmill.schemas.config import EngineConfig
 from prefmill.serving.protocols import (
@@ -84,7 +85,7 @@ class MeteredScorer:
     """A `ContinuationScorer` that counts scored (prefix, continuation) pairs as requests. Callers in several
     threads take turns (`lock`): one scorer's forward passes already use every core it has."""
 
-    def __init__(self, scorer: ContinuationScorer, meter: Meter, lock: threading.Lock | None = None):
+    def __init__(self, scorer: ContinuationScorer, meter: Meter, lock: ContextManager | None = None):
         self.scorer, self.meter, self.name = scorer, meter, scorer.name
         self.lock = lock or threading.Lock()
 
@@ -114,7 +115,7 @@ class ModelHost:
         self._lock = threading.Lock()  # opening models
         self._models: dict[str, LanguageModel] = dict(preloaded or {})
         self._owned: list[Any] = []
-        self._scorers: dict[str, tuple[ContinuationScorer, threading.Lock]] = {}
+        self._scorers: dict[str, tuple[ContinuationScorer, ContextManager]] = {}
 
     def chat_model(self, spec: str, meter: Meter | None = None) -> LanguageModel:
         with self._lock:
@@ -148,19 +149,20 @@ class ModelHost:
     def scorer(self, spec: str, meter: Meter | None = None) -> ContinuationScorer:
         with self._lock:
             if spec not in self._scorers:
-                self._scorers[spec] = (self._open_scorer(spec), threading.Lock())
+                self._scorers[spec] = self._open_scorer(spec)
             scorer, lock = self._scorers[spec]
         return MeteredScorer(scorer, meter or self.meter, lock)
 
-    def _open_scorer(self, spec: str) -> ContinuationScorer:
-        """Prompt logprobs of the engine serving `spec` when the plan says so (no second copy of the weights),
-        else the prefix-sharing transformers scorer on the plan's device (the caller holds `_lock`)."""
+    def _open_scorer(self, spec: str) -> tuple[ContinuationScorer, ContextManager]:
+        """Prompt logprobs of the engine serving `spec` when the plan says so (no second copy of the weights;
+        callers need not take turns, their requests join the engine's batch), else the prefix-sharing
+        transformers scorer on the plan's device, one caller at a time (the caller holds `_lock`)."""
         from prefmill.serving.prefix_scorer import NaiveScorer, SharedPrefixScorer
 
         if self.plan is not None and self.plan.scorer_via_engine(spec):
-            return NaiveScorer(self._model(spec))
+            return NaiveScorer(self._model(spec)), contextlib.nullcontext()
         device = self.plan.device_of("scorer", spec) if self.plan else None
-        return SharedPrefixScorer(spec, device=device, prefix_batch=self.prefix_batch)
+        return SharedPrefixScorer(spec, device=device, prefix_batch=self.prefix_batch), threading.Lock()
 
     def session(self) -> HostSession:
         """A view of this host for one step: the same models, counted on a meter of its own."""
