@@ -99,12 +99,13 @@ def _run(config: Path | None, overrides: list[str], catalog: Path | None, ray_ad
     from prefmill.operators.flr import FollowUpFileError
     from prefmill.operators.seeds import SeedFileError
     from prefmill.schemas.config import ConfigError
+    from prefmill.serving.placement import PlacementError
 
     extra = [f"catalog={json.dumps(str(catalog))}"] if catalog else []
     extra += [f"ray.address={json.dumps(ray_address)}", "backend=ray"] if ray_address else []
     try:
         run_command(config, [*extra, *overrides], console, verbose, summary_json)
-    except (ConfigError, SeedFileError, FollowUpFileError, PrefectApiUnreachable) as exc:
+    except (ConfigError, SeedFileError, FollowUpFileError, PlacementError, PrefectApiUnreachable) as exc:
         _fail(str(exc))  # nothing started
     except PrefectApiLost as exc:
         _fail(str(exc), code=1)  # the run started; a re-run resumes

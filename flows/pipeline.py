@@ -26,6 +26,7 @@ from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed, wait
 
+from prefmill.flows.placement import plan_for
 from prefmill.flows.report import create_artifacts, dataset_card
 from prefmill.flows.results import RunResult, StageStats
 from prefmill.flows.stages import Stage, build_stages, seed_quarantine
@@ -37,6 +38,7 @@ from prefmill.schemas.config import PipelineConfig, PoolConfig, settings, valida
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIR_REJECTS, PAIRS, SCHEMAS
 from prefmill.serving.factory import open_pool as serving_pool
 from prefmill.serving.hosts import StepRun
+from prefmill.serving.placement import Plan
 from prefmill.serving.models import model_identity
 from prefmill.storage.catalog import Catalog
 from prefmill.storage.shards import ShardStore, StoredShard
@@ -98,8 +100,8 @@ class RunModels:
     cached re-run loads none) and shut down when the run ends. A plain object handed to every task as an
     argument, so runs in one process never share one."""
 
-    def __init__(self, cfg: PipelineConfig, lent: Any = None):
-        self.cfg, self.lent, self.owned, self.closed = cfg, lent, None, False
+    def __init__(self, cfg: PipelineConfig, lent: Any = None, plan: Plan | None = None):
+        self.cfg, self.lent, self.plan, self.owned, self.closed = cfg, lent, plan, None, False
         self.lock = threading.Lock()
 
     def pool(self) -> Any:
@@ -107,7 +109,7 @@ class RunModels:
             if self.closed:  # a task still running after its run ended (interrupted) must not open a new pool
                 raise RuntimeError("this pipeline run has ended; its models are closed")
             if self.lent is None and self.owned is None:
-                self.owned = open_pool(self.cfg)
+                self.owned = open_pool(self.cfg, self.plan)
             return self.lent if self.lent is not None else self.owned
 
     def __enter__(self) -> RunModels:
@@ -188,12 +190,15 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None, repor
         return result
     stages = build_stages(cfg)
     quarantine = pa.concat_tables([loaded.quarantine, seed_quarantine(stages, seeds)])
-    with RunModels(cfg, pool) as models:
+    plan = plan_for(cfg)  # before any model loads: an impossible placement fails here
+    result.placement = plan.summary()
+    with RunModels(cfg, pool, plan) as models:
         shards = run_stages(stages, shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()), result,
                             reporter)
     tables = collect(shards, seeds, quarantine)
     mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id)
-    deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id)
+    deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id,
+                    plan.device_of("embedder") or "cpu")
     result.tables = published_tables(cfg, stages, tables, mined, deduped)
     result.card = dataset_card(cfg, result)
     result.versions = timed(result, "publish", publish, cfg, catalog, result)
@@ -306,8 +311,10 @@ def with_values(table: pa.Table, values: dict[str, Any]) -> pa.Table:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str) -> DedupResult:
-    """Drop pairs that repeat each other or a pair already published in the target dataset."""
+def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str, device: str = "cpu"
+                ) -> DedupResult:
+    """Drop pairs that repeat each other or a pair already published in the target dataset, embedding on
+    `device` (the plan's: a GPU with room, else the CPU)."""
     from prefmill.serving.ann import make_index
     from prefmill.serving.embedder import SentenceTransformerEmbedder
 
@@ -316,7 +323,7 @@ def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str
     name = f"{cfg.dataset}_embeddings"
     known = catalog.exists() and name in {v.dataset for v in catalog.datasets()}
     published = catalog.read(name, with_version=True) if known else None  # any other catalog error surfaces
-    embedder = SentenceTransformerEmbedder(cfg.models.embedder)
+    embedder = SentenceTransformerEmbedder(cfg.models.embedder, device=device)
     if published is not None and not has_pair_vectors(published):
         published = with_pair_vectors(published, catalog.read(cfg.dataset), embedder)
     return Deduper(**settings(Deduper, cfg.dedup))(pairs, embedder, make_index, published, run_id=run)
@@ -338,13 +345,14 @@ def publish(cfg: PipelineConfig, catalog: Catalog, result: RunResult) -> dict[st
     schemas = {name: SCHEMAS[name] for name in result.tables if name in SCHEMAS}
     schemas |= {cfg.dataset: SCHEMAS["pairs"], f"{cfg.dataset}_embeddings": SCHEMAS["pair_embeddings"]}
     lineage = {"run_id": result.run_id, "config": cfg.model_dump(mode="json"), "config_hash": result.config_hash,
-               "models": cfg.models.resolved(), "card": result.card}
+               "models": cfg.models.resolved(), "placement": result.placement, "card": result.card}
     versions = catalog.publish_many(result.tables, lineage, schemas)
     return {name: v.version for name, v in versions.items()}
 
 
-def open_pool(cfg: PipelineConfig) -> Any:
-    """The backend's pool: in-process models (`engine`, `http`) or Ray actors holding them (`ray`)."""
+def open_pool(cfg: PipelineConfig, plan: Plan | None = None) -> Any:
+    """The backend's pool: in-process models (`engine`, `http`) or Ray actors holding them (`ray`), each model
+    on the device and with the memory share `plan` gives it."""
     engine = cfg.engine.model_copy(update={"model": cfg.models.assistant})
     config = PoolConfig(**cfg.ray.model_dump(), engine=engine, prefix_batch=cfg.flr.prefix_batch)
-    return serving_pool(cfg.backend, config, cfg.url)
+    return serving_pool(cfg.backend, config, cfg.url, plan=plan)

@@ -60,7 +60,7 @@ def summary_dict(result: RunResult, dataset: str) -> dict:
             "already_published": result.already_published,
             "stages": {row.pop("stage"): row for row in stage_rows(result)},
             "step_wall_s": {step: round(seconds, 1) for step, seconds in result.stage_wall.items()},
-            "counts": counts(result, dataset), "versions": result.versions,
+            "counts": counts(result, dataset), "versions": result.versions, "placement": result.placement,
             "wall_s": round(result.wall_seconds, 1)}
 
 
@@ -107,8 +107,17 @@ def print_summary(console: Console, cfg: PipelineConfig, result: RunResult) -> N
     for label, values in distributions(result.tables[cfg.dataset]).items():
         if values:
             console.print(f"{label}: min {min(values):.3f}  mean {fmean(values):.3f}  max {max(values):.3f}")
+    if result.placement.get("devices"):
+        console.print(placement_line(result.placement))
     console.print(f"wall time {result.wall_seconds:.1f} s")
     console.print("Query it: " + sql_hint(cfg.dataset, result.versions.get(cfg.dataset)))
+
+
+def placement_line(placement: dict) -> str:
+    """Where the models ran, one line: each model's device(s) and memory share, and actors per node."""
+    models = "; ".join(f"{m['spec']} ({m['kind']}) on {m['device']}"
+                       + (f" at {m['fraction']:.2f}" if m.get("fraction") else "") for m in placement["models"])
+    return f"placement: {models}; actors per node {placement['actors_per_node']}"
 
 
 def dataset_card(cfg: PipelineConfig, result: RunResult) -> str:

@@ -34,6 +34,7 @@ class RunResult:
     wall_seconds: float = 0.0
     stage_wall: dict[str, float] = field(default_factory=dict)  # each stage's own wall seconds
     card: str = ""
+    placement: dict = field(default_factory=dict)  # the placement plan's summary (devices empty: CPU)
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:

@@ -219,3 +219,17 @@ def test_a_simulator_in_another_model_folder_gets_a_second_engine_in_the_same_ho
     for c in conversations:  # each reached the simulator's engine: its turn was kept, refused by a gate, or ended it
         assert len(c["messages"]) > 2 or c["gates"] or c["ended_by"] == "user_ended", c
     assert result.stages["rollout"].requests > 0 and result.stages["rewards"].requests > 0
+
+
+def test_a_run_whose_plan_cannot_fit_fails_before_any_model_loads(monkeypatch, tmp_path):
+    from prefmill.flows import pipeline
+
+    class NoPool:
+        def run(self, *args):
+            raise AssertionError("no model may be used when the plan fails")
+
+    monkeypatch.setattr(pipeline, "plan_for", lambda cfg: plan_for(cfg, devices="1x1GiB"))
+    cfg = PipelineConfig(catalog=str(tmp_path / "catalog"), result_storage=str(tmp_path / "results"))
+    with pytest.raises(PlacementError, match="GiB"):
+        pipeline.run_pipeline(cfg, pool=NoPool())
+    assert not (tmp_path / "results").exists()

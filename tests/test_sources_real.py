@@ -100,6 +100,8 @@ def test_spin_pairs_choose_the_reference_answer(gold_run):
 
 def test_pairs_record_the_iteration_and_policy_and_skipped_seeds_are_quarantined(gold_run):
     _, catalog, _ = gold_run
+    placement = catalog.versions("pairs")[-1].lineage["placement"]
+    assert placement["devices"] == [] and {m["kind"] for m in placement["models"]} >= {"engine"}  # CPU: as before
     tags = catalog.sql("SELECT DISTINCT iteration, policy_id FROM pairs").to_pylist()
     assert len(tags) == 1 and tags[0]["iteration"] == 1 and tags[0]["policy_id"].startswith("smollm2-135m@")
     quarantined = catalog.sql("SELECT stage, reason FROM quarantine").to_pylist()
