@@ -11,13 +11,18 @@ orchestration overhead. Last line: one JSON object of the figures.
 - overhead_ratio: flow wall (inside the flow) ÷ the stages' own compute (the time at least one shard step
   was running next to the models, plus pair mining, dedup, publish): what Prefect tasks, result
   persistence and scheduling add.
+- `--seeds N --fake-model`: N distinct seeds on models that answer at once (bench/instant_model.py); the flow's
+  wall (without pairs, dedup, publish) minus the same steps called directly is orchestration: seconds per 1k
+  seeds and ms per stage task.
 Results go to a fresh catalog and result storage, so nothing is served from an earlier run's cache.
 
     .venv/bin/python bench/pipeline.py [--set key=value ...]
+    .venv/bin/python bench/pipeline.py --seeds 10000 --fake-model [--set shard_size=64]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -33,10 +38,13 @@ from prefmill.flows.runner import configure_environment  # noqa: E402
 
 configure_environment(verbose=False)
 
+from bench.instant_model import InstantHost  # noqa: E402
 from bench.selfchat import CountingLM, raw_generate  # noqa: E402
-from prefmill.flows.pipeline import pipeline_flow  # noqa: E402
+from prefmill.flows.pipeline import pipeline_flow, run_seeds, shard_seeds  # noqa: E402
 from prefmill.flows.report import stage_rows  # noqa: E402
 from prefmill.flows.results import busy_seconds  # noqa: E402
+from prefmill.flows.stages import build_stages  # noqa: E402
+from prefmill.operators.seeds import BUILTIN_SEEDS, load_seeds  # noqa: E402
 from prefmill.schemas.config import load_pipeline_config  # noqa: E402
 from prefmill.serving.engine import VLLMEngine  # noqa: E402
 from prefmill.serving.hosts import HostSession, LocalPool, Meter, ModelHost, run_step  # noqa: E402
@@ -75,11 +83,76 @@ class StagePool(LocalPool):
         return done
 
 
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--seeds", type=int, default=0, metavar="N", help="N distinct seeds (built-in ones, numbered)")
+    parser.add_argument("--fake-model", action="store_true", help="models that answer at once: orchestration only")
+    return parser.parse_args()
+
+
 def main() -> None:
-    overrides = [value for flag, value in zip(sys.argv[1:], sys.argv[2:]) if flag == "--set"]
+    args = arguments()
     work = Path(tempfile.mkdtemp(prefix="pm-bench-"))
+    seeds = [f'seeds.path="{seed_file(args.seeds, work)}"', f"seeds.limit={args.seeds}"] if args.seeds else []
     cfg = load_pipeline_config(DEMO, [f'catalog="{work / "catalog"}"', f'result_storage="{work / "results"}"',
-                                      *overrides])
+                                      *seeds, *args.set])
+    print(json.dumps(orchestration(cfg) if args.fake_model else demo(cfg)))
+
+
+def seed_file(n: int, folder: Path) -> Path:
+    """`n` distinct seeds: the built-in ones over and over, each question numbered."""
+    builtin = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()]
+    numbered = (s | {"question": f"{s['question']} (#{k})"} for k, s in enumerate(builtin[k % len(builtin)]
+                                                                                 for k in range(n)))
+    path = folder / "seeds.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in numbered))
+    return path
+
+
+def stage_compute(result) -> float:
+    """Seconds of the stages' own work: the time at least one shard step was running (shards run at once, so
+    not their sum), plus pair mining, dedup and publish."""
+    return busy_seconds([span for s in result.stages.values() for span in s.spans]) + sum(
+        result.stage_wall.get(k, 0.0) for k in ("pairs", "dedup", "publish"))
+
+
+def orchestration(cfg) -> dict:
+    """The flow on instant models against the same steps called directly, shard after shard (no Prefect, no
+    shard store): the difference is orchestration. Inside the flow, and all in (the temporary Prefect API's
+    start and its event backlog). Pair mining, dedup and publish are left out of both."""
+    pool = LocalPool(InstantHost(prefix_batch=cfg.flr.prefix_batch))
+    flow_started = time.perf_counter()
+    result = pipeline_flow(pool=pool)(cfg.model_dump(mode="json"))
+    flow_call = time.perf_counter() - flow_started
+    tail = sum(result.stage_wall.get(k, 0.0) for k in ("pairs", "dedup", "publish"))
+    direct, seeds = direct_seconds(cfg, pool), result.tables["seeds"].num_rows
+    tasks = sum(s.shards for s in result.stages.values())
+    inside = result.wall_seconds - tail - direct
+    print(f"{seeds} seeds, shard_size {cfg.shard_size}: {tasks} stage tasks; flow call {flow_call:.1f} s, inside "
+          f"the flow {result.wall_seconds:.1f} s (pairs, dedup, publish {tail:.1f} s), steps called directly "
+          f"{direct:.1f} s")
+    return {"seeds": seeds, "shard_size": cfg.shard_size, "stage_tasks": tasks, "flow_call_s": round(flow_call, 2),
+            "flow_wall_s": round(result.wall_seconds, 2), "pairs_dedup_publish_s": round(tail, 2),
+            "direct_steps_s": round(direct, 2), "orchestration_s": round(inside, 2),
+            "orchestration_s_per_1k_seeds": round(inside / seeds * 1000, 2),
+            "orchestration_ms_per_task": round(inside / max(1, tasks) * 1000, 2),
+            "all_in_s_per_1k_seeds": round((flow_call - tail - direct) / seeds * 1000, 2),
+            "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]}
+
+
+def direct_seconds(cfg, pool: LocalPool) -> float:
+    """The config's stages' steps called one after another on every shard, without the flow: the work itself."""
+    shards = shard_seeds(cfg, run_seeds(cfg, load_seeds(cfg.seeds.path or BUILTIN_SEEDS).seeds))
+    started = time.perf_counter()
+    for stage in build_stages(cfg):
+        for shard in shards:
+            shard.tables |= pool.run(stage, shard.inputs(stage)).value
+    return time.perf_counter() - started
+
+
+def demo(cfg) -> dict:
+    """The config on the embedded model: stage times, rollout speed against raw vLLM, the overhead ratio."""
     started = time.perf_counter()
     engine = VLLMEngine(cfg.engine.model_copy(update={"model": cfg.models.assistant}))
     pool = StagePool(ModelHost(preloaded={cfg.models.assistant: engine}, prefix_batch=cfg.flr.prefix_batch))
@@ -91,9 +164,7 @@ def main() -> None:
     raw_s = raw_generate(engine, pool.requests["rollout"])
     raw_tokens = sum(n for *_, n in pool.requests["rollout"])
     ours, raw = rollout.tokens / rollout.busy, raw_tokens / raw_s
-    # shards run at once: stage compute is the time at least one shard step was running, not their sum
-    compute = busy_seconds([span for s in result.stages.values() for span in s.spans]) + sum(
-        result.stage_wall.get(k, 0.0) for k in ("pairs", "dedup", "publish"))
+    compute = stage_compute(result)
     for row in stage_rows(result):
         print(f"{row['stage']:<10} {row['compute_s']:>7.1f} s compute  {row['wall_s']:>7.1f} s wall  "
               f"{row['requests']:>6} requests  {row['tokens']:>7} tokens  {row['tokens_per_s'] or '–'} tok/s")
@@ -104,12 +175,12 @@ def main() -> None:
     print(f"rollout {rollout.tokens} tokens: flow {ours:.1f} tok/s vs raw vLLM {raw:.1f} tok/s "
           f"({len(pool.requests['rollout'])} requests, {raw_s:.1f} s)")
     engine.close()
-    print(json.dumps({"seeds": result.tables["seeds"].num_rows, "pairs": result.tables[cfg.dataset].num_rows,
+    return ({"seeds": result.tables["seeds"].num_rows, "pairs": result.tables[cfg.dataset].num_rows,
                       "engine_start_s": round(engine.start_seconds, 1), "flow_call_s": round(flow_call_s, 1),
                       "flow_wall_s": round(result.wall_seconds, 1), "stage_compute_s": round(compute, 1),
                       "rollout_tok_s": round(ours, 1), "raw_tok_s": round(raw, 1),
                       "demo_wall_s": round(demo_wall, 1), "ratio_vs_raw": round(ours / raw, 3),
-                      "overhead_ratio": round(result.wall_seconds / compute, 3), "cpus": os.cpu_count()}))
+                      "overhead_ratio": round(result.wall_seconds / compute, 3), "cpus": os.cpu_count()})
 
 
 if __name__ == "__main__":
