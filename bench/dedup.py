@@ -9,7 +9,10 @@
    (same encoder, its default usearch index) fits on the old texts (prompt + reply as one) and
    deduplicates the new ones against them, so it embeds both;
 4. 1M synthetic 384-d vectors with planted near duplicates: the ANN index build + search of every
-   vector (`search_1m_s`), and recall against exact search on a sample.
+   vector, old path (faiss's add and per-query search) against new (`add_search`: one list assignment, a
+   list-batched search), alternated over `--repeats`, recall against exact search on a sample; then the
+   Deduper itself on them as 1M pairs, per-query against list-batched search, with the same removals.
+   `--index-only` runs just this part (no encoder).
 `--compare-index` also times usearch HNSW (what semhash and DuckDB's vss run) against faiss IVF.
 
 Texts: sentences of Python's own documentation (pydoc topics) and the built-in seed passages, four per
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import re
 import statistics
@@ -163,18 +168,76 @@ def synthetic_vectors(n: int, dim: int = 384, seed: int = 0) -> tuple[np.ndarray
     return x, np.arange(n - m, n), sources
 
 
-def ann_search(n: int, sample: int = 1000) -> dict:
+def ann_search(n: int, repeats: int, sample: int = 1000) -> dict:
+    """Build + search every vector for its nearest other: faiss's own add and per-query search (old) against
+    `add_search` (one list assignment, list-batched search; new), alternated on one trained index; the
+    same neighbours, recall against exact search."""
     x, dups, sources = synthetic_vectors(n)
     start = time.perf_counter()
-    index = make_index(x.shape[1], x)
-    index.add(x)
-    sims, ids = index.search(x, 2)
-    seconds = time.perf_counter() - start
+    trained = make_index(x.shape[1], x)
+    train_s = time.perf_counter() - start
+    seconds: dict[str, list[float]] = {"old": [], "new": []}
+    found = {}
+    for _ in range(repeats):
+        for path, run in (("old", plain_add_search), ("new", lambda index: index.add_search(x, 2))):
+            index = trained.emptied()
+            start = time.perf_counter()
+            found[path] = run(index) if path == "new" else run(index, x)
+            seconds[path].append(time.perf_counter() - start)
+    ids = found["new"][1]
     picks = np.random.default_rng(1).choice(n, sample, replace=False)
-    found = [nearest_other(x, p) in ids[p] for p in picks]
-    planted = np.mean([s in ids[d] for d, s in zip(dups, sources)])
-    return {"search_1m_s" if n == 1_000_000 else f"search_{n}_s": seconds, "ann_recall_vs_exact": float(np.mean(found)),
-            "ann_planted_recall": float(planted), "ann_vectors": n}
+    return {f"search_{n}_train_s": train_s, **spread(f"search_{n}", seconds),
+            "same_neighbours": float((found["old"][1] == ids).mean()),
+            "ann_recall_vs_exact": float(np.mean([nearest_other(x, p) in ids[p] for p in picks])),
+            "ann_planted_recall": float(np.mean([s in ids[d] for d, s in zip(dups, sources)])), "ann_vectors": n}
+
+
+def plain_add_search(index: FaissIndex, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The old path: faiss's own add and search (its quantizer, then one query at a time)."""
+    index.index.add(x)
+    return index.index.search(x, 2)
+
+
+def spread(name: str, seconds: dict[str, list[float]]) -> dict:
+    """Median and [min, max] seconds of each path, and the median new/old ratio of the alternated runs."""
+    ratios = [new / old for old, new in zip(seconds["old"], seconds["new"])]
+    return {**{f"{name}_{path}_s": statistics.median(s) for path, s in seconds.items()},
+            **{f"{name}_{path}_spread": [min(s), max(s)] for path, s in seconds.items()},
+            f"{name}_ratio": statistics.median(ratios)}
+
+
+class VectorEmbedder:
+    """Looks texts `p<k>` / `r<k>` up as row k of given prompt / reply vectors (dedup without an encoder)."""
+
+    name = "synthetic"
+
+    def __init__(self, prompts: np.ndarray, replies: np.ndarray):
+        self.vectors = {"p": prompts, "r": replies}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """The vectors of `texts`, which come as the operator sends them: every prompt, then every reply."""
+        prompts = sum(t[0] == "p" for t in texts)
+        rows = np.array([int(t[1:]) for t in texts], np.int64)
+        return np.concatenate([self.vectors["p"][rows[:prompts]], self.vectors["r"][rows[prompts:]]])
+
+
+def operator_pass(n: int, repeats: int) -> dict:
+    """The Deduper on `n` synthetic pairs (prompt dedup, so the index holds the 384-d prompt vectors): the
+    plain per-query search (old) against the list-batched one (new), alternated; the same removals."""
+    x, dups, sources = synthetic_vectors(n)
+    embedder = VectorEmbedder(x, x)
+    pairs = pa.Table.from_pylist([_row(f"p{k}", f"p{k}", f"r{k}", 2.0 - k / n) for k in range(n)], schema=PAIRS)
+    factories = {"old": lambda dim, sample: FaissIndex(dim, sample, list_batch=math.inf), "new": make_index}
+    seconds: dict[str, list[float]] = {"old": [], "new": []}
+    removed = {}
+    for _ in range(repeats):
+        for path, factory in factories.items():
+            start = time.perf_counter()
+            removed[path] = Deduper(on="prompt")(pairs, embedder, factory).removed
+            seconds[path].append(time.perf_counter() - start)
+    caught = set(removed["new"].column("removed_pair_id").to_pylist())
+    return {**spread(f"dedup_{n}", seconds), "dedup_same_removals": removed["old"].equals(removed["new"]),
+            "dedup_planted_recall": float(np.mean([f"p{d}" in caught for d in dups]))}
 
 
 def nearest_other(x: np.ndarray, p: int) -> int:
@@ -214,8 +277,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--compare-index", type=int, default=0, metavar="N", help="also time usearch vs faiss on N")
+    parser.add_argument("--index-only", action="store_true", help="only the index and the operator on vectors")
     args = parser.parse_args()
     rows_n, vectors_n = (2_000, 200_000) if args.quick else (args.rows, args.vectors)
+    if args.index_only:
+        figures = ann_search(vectors_n, args.repeats) | operator_pass(vectors_n, args.repeats)
+        print(json.dumps(figures | {"load_1min": os.getloadavg()[0]}))
+        return
     embedder = SentenceTransformerEmbedder()
     rows, planted = make_pairs(rows_n, dup_share=0.1)
     figures = {"rows": rows_n, "threshold": args.threshold}
@@ -228,7 +296,7 @@ def main() -> None:
           f"({quality['removed']} removed, {quality['planted']} planted) in {quality['full_dedup_s']:.1f} s")
     figures |= incremental(rows, full, embedder, args.threshold, args.repeats)
     print(f"incremental: ours {figures['incremental_ours_s']:.1f} s, semhash {figures['incremental_semhash_s']:.1f} s")
-    figures |= ann_search(vectors_n)
+    figures |= ann_search(vectors_n, args.repeats)
     if args.compare_index:
         figures |= compare_index(args.compare_index)
     print(json.dumps(figures))
