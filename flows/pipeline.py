@@ -190,7 +190,7 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None, repor
         return result
     stages = build_stages(cfg)
     quarantine = pa.concat_tables([loaded.quarantine, seed_quarantine(stages, seeds)])
-    plan = plan_for(cfg)  # before any model loads: an impossible placement fails here
+    plan = plan_for(cfg, stages=stages)  # before any model loads: an impossible placement fails here
     result.placement = plan.summary()
     with RunModels(cfg, pool, plan) as models:
         shards = run_stages(stages, shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()), result,

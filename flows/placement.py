@@ -3,7 +3,7 @@ devices of this machine, of the Ray cluster, or of a hypothetical inventory ("2x
 
 from __future__ import annotations
 
-from prefmill.flows.stages import build_stages
+from prefmill.flows.stages import Stage, build_stages
 from prefmill.operators.flr import load_followups
 from prefmill.schemas.config import PipelineConfig
 from prefmill.serving.placement import (
@@ -19,9 +19,10 @@ from prefmill.serving.placement import (
 )
 
 
-def plan_for(cfg: PipelineConfig, devices: str | None = None) -> Plan:
-    """The plan of a run of `cfg` on `devices` (e.g. "2x80GiB"), or on the machine / Ray cluster it would run
-    on; raises `PlacementError` when the models cannot fit. Record `plan.summary()` with the run."""
+def plan_for(cfg: PipelineConfig, devices: str | None = None, stages: list[Stage] | None = None) -> Plan:
+    """The plan of a run of `cfg` (its `stages`, when built already) on `devices` (e.g. "2x80GiB"), or on the
+    machine / Ray cluster it would run on; raises `PlacementError` when the models cannot fit. Record
+    `plan.summary()` with the run."""
     inventory = parse_devices(devices) if devices is not None else machine_devices(cfg)
     section = cfg.placement
     if cfg.backend != "engine":  # dedup embeds in the driver, not on the actors or the server
@@ -30,13 +31,14 @@ def plan_for(cfg: PipelineConfig, devices: str | None = None) -> Plan:
         section = section.model_copy(update={"flr_scorer": "transformers"})
     followups = load_followups(cfg.flr.followups) if cfg.flr.followups else load_followups()
     load = ScorerLoad(cfg.flr.prefix_batch * len(followups), cfg.flr.max_tokens)
-    return plan_placement(run_roles(cfg), inventory, spec_size, cfg.engine, section, load)
+    return plan_placement(run_roles(cfg, stages), inventory, spec_size, cfg.engine, section, load)
 
 
-def run_roles(cfg: PipelineConfig) -> list[Role]:
+def run_roles(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[Role]:
     """Every model role of the stages `cfg` turns on (chat roles left out on backend http: the server holds
     them), then the embedder; a role named twice with one spec is listed once."""
-    roles = [Role(name, role.spec, role.kind) for stage in build_stages(cfg) for name, role in stage.roles().items()
+    roles = [Role(name, role.spec, role.kind) for stage in stages or build_stages(cfg)
+             for name, role in stage.roles().items()
              if not (cfg.backend == "http" and role.kind == "chat")]
     return list(dict.fromkeys(roles)) + [Role("embedder", cfg.models.embedder, "embedder")]
 

@@ -228,7 +228,7 @@ def test_a_run_whose_plan_cannot_fit_fails_before_any_model_loads(monkeypatch, t
         def run(self, *args):
             raise AssertionError("no model may be used when the plan fails")
 
-    monkeypatch.setattr(pipeline, "plan_for", lambda cfg: plan_for(cfg, devices="1x1GiB"))
+    monkeypatch.setattr(pipeline, "plan_for", lambda cfg, stages: plan_for(cfg, "1x1GiB", stages))
     cfg = PipelineConfig(catalog=str(tmp_path / "catalog"), result_storage=str(tmp_path / "results"))
     with pytest.raises(PlacementError, match="GiB"):
         pipeline.run_pipeline(cfg, pool=NoPool())
