@@ -38,8 +38,8 @@ from prefmill.schemas.config import PipelineConfig, PoolConfig, settings, valida
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIR_REJECTS, PAIRS, SCHEMAS
 from prefmill.serving.factory import open_pool as serving_pool
 from prefmill.serving.hosts import StepRun
-from prefmill.serving.placement import Plan
 from prefmill.serving.models import model_identity
+from prefmill.serving.placement import Plan
 from prefmill.storage.catalog import Catalog
 from prefmill.storage.shards import ShardStore, StoredShard
 

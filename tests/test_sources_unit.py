@@ -70,7 +70,8 @@ def test_an_answer_that_does_not_parse_has_no_verdict():
 
 def test_seeds_bring_a_final_answer_and_a_bad_one_is_quarantined_with_its_line(tmp_path):
     path = tmp_path / "seeds.jsonl"
-    rows = [{"question": "2+3?", "final_answer": 5}, {"question": "q2", "final_answer": "lots", "answer_type": "numeric"},
+    rows = [{"question": "2+3?", "final_answer": 5},
+            {"question": "q2", "final_answer": "lots", "answer_type": "numeric"},
             {"question": "q3", "final_answer": "B", "answer_type": "choice", "gold_solution": "B because"},
             {"question": "q4", "final_answer": "x", "answer_type": "essay"}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
