@@ -162,8 +162,9 @@ def _counts(table: pa.Table) -> str:
 
 TRAINING_NOTES = {
     "irpo": "IRPO pairs train with DPO plus an NLL term on the chosen solution: TRL's `DPOConfig(rpo_alpha=1.0)`.",
-    "step_dpo": "A Step-DPO prompt ends with an assistant turn holding the correct steps so far; TRL's chat template "
-                "continues it, so `chosen`/`rejected` are the next step only.",
+    "step_dpo": "A Step-DPO pair's prompt ends with an assistant turn holding the correct steps so far; the TRL "
+                "export moves those steps to the front of both replies (a shared prefix cancels in the DPO loss, "
+                "so it weighs only the step).",
     "spin": "SPIN pairs choose the gold answer over iteration `iteration`'s own reply; select earlier iterations' "
             "pairs by SQL (`WHERE iteration < n`) to mix them in.",
 }

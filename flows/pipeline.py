@@ -192,11 +192,13 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None, repor
     quarantine = pa.concat_tables([loaded.quarantine, seed_quarantine(stages, seeds)])
     plan = plan_for(cfg, stages=stages)  # before any model loads: an impossible placement fails here
     result.placement = plan.summary()
+    result.model_ids = model_identities(cfg, stages)
     with RunModels(cfg, pool, plan) as models:
         shards = run_stages(stages, shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()), result,
                             reporter)
     tables = collect(shards, seeds, quarantine)
-    mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id)
+    mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id,
+                  result.model_ids[cfg.models.assistant])
     deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id,
                     plan.device_of("embedder") or "cpu")
     result.tables = published_tables(cfg, stages, tables, mined, deduped)
@@ -236,11 +238,18 @@ def timed(result: RunResult, stage: str, fn: Callable[..., Any], *args: Any) -> 
     return value
 
 
+def model_identities(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, str]:
+    """Each model the run uses (the policy always) by spec → its identity: the spec and a hash of its files."""
+    specs = {cfg.models.assistant} | {role.spec for stage in stages for role in stage.roles().values()}
+    return {spec: model_identity(spec) for spec in sorted(specs)}
+
+
 def run_stages(stages: list[Stage], shards: list[Shard], models: RunModels, store: ShardStore,
                result: RunResult, report: Reporter) -> list[Shard]:
     """Every stage over every shard, stage by stage (all of a stage's shards at once)."""
     for stage in stages:
-        fingerprint = stage.fingerprint()
+        models_used = [result.model_ids[role.spec] for role in stage.roles().values()]
+        fingerprint = content_digest([stage.fingerprint(), models_used])  # new weights under one spec: recompute
         futures = {stage_task.submit(stage, i, shard.inputs(stage), shard.key(stage, fingerprint), models, store): i
                    for i, shard in enumerate(shards)}
         timed(result, stage.name, collect_stage, stage.name, futures, shards, result, report)
@@ -281,13 +290,14 @@ def collect(shards: list[Shard], seeds: pa.Table, quarantine: pa.Table) -> dict[
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def all_pairs(cfg: PipelineConfig, stages: list[Stage], tables: dict[str, pa.Table], run: str) -> MinedPairs:
+def all_pairs(cfg: PipelineConfig, stages: list[Stage], tables: dict[str, pa.Table], run: str, policy: str
+              ) -> MinedPairs:
     """Every source's pairs and reject rows as one table each, tagged with the run, its iteration and the
     policy's identity (spec + a hash of its files), so rounds of SPIN/IRPO can be told apart by SQL."""
     parts = [mine_pairs(cfg, tables)] if "candidates" in tables else []
     parts += [MinedPairs(tables[pairs], tables[rejects]) for s in stages if s.pair_tables
               for pairs, rejects in [s.pair_tables]]
-    tags = {"run_id": run, "iteration": cfg.iteration, "policy_id": model_identity(cfg.models.assistant)}
+    tags = {"run_id": run, "iteration": cfg.iteration, "policy_id": policy}
     pairs = pa.concat_tables([PAIRS.empty_table(), *(p.pairs for p in parts)])
     rejects = pa.concat_tables([PAIR_REJECTS.empty_table(), *(p.rejects for p in parts)])
     return MinedPairs(with_values(pairs, tags), with_values(rejects, {"run_id": run}))
@@ -345,7 +355,8 @@ def publish(cfg: PipelineConfig, catalog: Catalog, result: RunResult) -> dict[st
     schemas = {name: SCHEMAS[name] for name in result.tables if name in SCHEMAS}
     schemas |= {cfg.dataset: SCHEMAS["pairs"], f"{cfg.dataset}_embeddings": SCHEMAS["pair_embeddings"]}
     lineage = {"run_id": result.run_id, "config": cfg.model_dump(mode="json"), "config_hash": result.config_hash,
-               "models": cfg.models.resolved(), "placement": result.placement, "card": result.card}
+               "models": cfg.models.resolved(), "model_ids": result.model_ids, "iteration": cfg.iteration,
+               "placement": result.placement, "card": result.card}
     versions = catalog.publish_many(result.tables, lineage, schemas)
     return {name: v.version for name, v in versions.items()}
 

@@ -35,6 +35,7 @@ class RunResult:
     stage_wall: dict[str, float] = field(default_factory=dict)  # each stage's own wall seconds
     card: str = ""
     placement: dict = field(default_factory=dict)  # the placement plan's summary (devices empty: CPU)
+    model_ids: dict[str, str] = field(default_factory=dict)  # spec → spec@hash of its files (`model_identity`)
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:

@@ -2,10 +2,12 @@
 
 The files hold TRL's explicit conversational preference format (`prompt` = message list, `chosen` /
 `rejected` = one assistant message each) plus ids, soft labels and each pair's source, which `DPOTrainer` drops
-on its own (`remove_unused_columns`). A Step-DPO prompt ends with an assistant turn (the correct steps so far),
-which TRL's chat template continues. IRPO pairs train with DPO plus an NLL term on the chosen side
-(`DPOConfig(rpo_alpha=1.0)`). Splits are made by prompt, so every pair of one prompt lands in the same split
-and the test split never shares a context with training.
+on its own (`remove_unused_columns`). A Step-DPO pair's prompt ends with an assistant turn (the correct steps
+so far); TRL's template would close that turn and open another, so the export moves it into both replies
+(steps so far + the next step): the shared prefix cancels in the DPO loss, which then weighs only the step.
+IRPO pairs train with DPO plus an NLL term on the chosen side (`DPOConfig(rpo_alpha=1.0)`). Splits are made
+by prompt, so every pair of one prompt lands in the same split and the test split never shares a context with
+training.
 """
 
 from __future__ import annotations
@@ -60,7 +62,25 @@ def trl_table(pairs: pa.Table) -> pa.Table:
     if missing:
         raise CatalogError(f"not a pairs table: missing column(s) {missing} for the TRL format")
     keep = TRL_COLUMNS + [c for c in EXTRA_COLUMNS if c in pairs.column_names]
-    return pairs.select(keep).sort_by([("prompt_id", "ascending"), ("pair_id", "ascending")])
+    return continued_prompts(pairs.select(keep)).sort_by([("prompt_id", "ascending"), ("pair_id", "ascending")])
+
+
+def continued_prompts(table: pa.Table) -> pa.Table:
+    """Pairs whose prompt ends with assistant turns (Step-DPO's steps so far) with those turns moved to the
+    front of both replies, on their own line, since TRL renders a reply as a new assistant turn."""
+    rows = [_continued(p, c, r) for p, c, r in zip(*(table.column(n).to_pylist() for n in TRL_COLUMNS))]
+    for k, name in enumerate(TRL_COLUMNS):
+        table = table.set_column(k, name, pa.array([row[k] for row in rows], table.schema.field(name).type))
+    return table
+
+
+def _continued(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    start = max((i for i, m in enumerate(prompt) if m["role"] != "assistant"), default=-1) + 1
+    if start == len(prompt):
+        return prompt, chosen, rejected
+    head = "\n".join(m["content"] for m in prompt[start:])
+    return prompt[:start], *([{"role": "assistant", "content": f"{head}\n{side[0]['content']}"}] + side[1:]
+                             for side in (chosen, rejected))
 
 
 def split_prompts(prompt_ids: list[str], test_size: float, seed: int) -> set[str]:

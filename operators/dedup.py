@@ -92,9 +92,19 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+# sources whose chosen side is the seed's gold answer in every round (SPIN): their own reply is what tells
+# one pair from another, so two rounds on one question are not duplicates
+GOLD_CHOSEN_SOURCES = ("spin",)
+
+
+def compared_side(pair: dict) -> list[dict]:
+    """The reply a duplicate must repeat: the chosen one, or the rejected own reply of a gold-chosen source."""
+    return pair["rejected"] if pair.get("source") in GOLD_CHOSEN_SOURCES else pair["chosen"]
+
+
 def dedup_key(pair: dict) -> str:
-    """The exact-duplicate key: a hash of the normalised prompt and chosen reply."""
-    parts = [f"{m['role']}:{normalise(m['content'])}" for m in pair["prompt"] + pair["chosen"]]
+    """The exact-duplicate key: a hash of the normalised prompt and compared reply."""
+    parts = [f"{m['role']}:{normalise(m['content'])}" for m in pair["prompt"] + compared_side(pair)]
     return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()[:32]
 
 
@@ -105,7 +115,11 @@ def prompt_text(pair: dict) -> str:
 
 
 def reply_text(pair: dict) -> str:
-    return "\n".join(m["content"] for m in pair["chosen"])
+    """The reply as embedded: the compared reply, after the assistant turns that end the prompt (a Step-DPO
+    prompt's correct steps so far, which the step continues)."""
+    turns = pair["prompt"]
+    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=-1)
+    return "\n".join(m["content"] for m in turns[last_user + 1:] + compared_side(pair))
 
 
 def embed_pairs(rows: list[dict], embedder: Embedder) -> PairVectors:

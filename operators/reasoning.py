@@ -27,10 +27,6 @@ _DEFAULTS = IRPOSection()  # the config section holds every default: one definit
 GOLD_SCORES = {"score_chosen": 1.0, "score_rejected": 0.0, "margin": 1.0}
 
 
-def has_final_answer(seed: dict) -> bool:
-    return bool(seed.get("final_answer"))
-
-
 def solve_prompt(seed: dict, instruction: str = _DEFAULTS.instruction) -> Conversation:
     """The question as one user turn, with the instruction that asks for a parseable final line."""
     return [{"role": "user", "content": f"{seed['question']}\n\n{instruction}"}]
@@ -58,8 +54,9 @@ class SolutionSampler:
         return pa.Table.from_pylist(rows, schema=SOLUTIONS)
 
     def _row(self, seed: dict, prompt: Conversation, k: int, out: Completion, model: str) -> dict:
-        verdict = verify(out.text, seed["final_answer"], seed["answer_type"], self.numeric_tolerance)
-        return {"solution_id": stable_id("sol", seed["seed_id"], self.instruction, self.seed + k, model),
+        verdict = verify(out.text, seed["final_answer"], seed["answer_type"], self.numeric_tolerance,
+                         truncated=out.finish_reason == "length")
+        return {"solution_id": stable_id("sol", seed["seed_id"], self.instruction, self.seed + k, model, out.text),
                 "seed_id": seed["seed_id"], "prompt": prompt, "solution": out.text, "sample_index": k,
                 "sampling_seed": self.seed + k, "num_tokens": out.num_tokens, "finish_reason": out.finish_reason,
                 "answer": verdict.answer, "is_correct": verdict.is_correct, "verify_reason": verdict.reason,

@@ -1,6 +1,7 @@
 """Gold-vs-own pairs (SPIN, Chen et al. 2024): the seed's `reference_answer` is chosen over the policy's own
 reply to the same question (sampled at temperature 1.0 by default). A reply equal to the gold answer after
-normalisation, an empty one, or a question too long for the model's context is a reject row, not a pair.
+normalisation, an empty or truncated one, or a question too long for the model's context is a reject row, not
+a pair.
 Iteration t's policy makes iteration t's rejected side; the pairs record `iteration` and the policy's identity,
 so earlier iterations' generations can be mixed in by SQL.
 """
@@ -16,10 +17,6 @@ from prefmill.schemas.config import SPINSection
 from prefmill.serving.protocols import PROMPT_TOO_LONG, Completion, LanguageModel, Sampling
 
 _DEFAULTS = SPINSection()  # the config section holds every default: one definition
-
-
-def has_reference(seed: dict) -> bool:
-    return bool(seed.get("reference_answer"))
 
 
 @dataclass(frozen=True)
@@ -50,6 +47,8 @@ class SelfPlay:
             return PROMPT_TOO_LONG, "the question does not fit the model's context window with spin.max_tokens"
         if not sample.text.strip():
             return "empty_reply", "the policy's reply is empty"
+        if sample.finish_reason == "length":
+            return "truncated", "the policy's reply was cut at spin.max_tokens: raise it to compare whole replies"
         if normalised(sample.text) == normalised(seed["reference_answer"]):
             return "gold_equal", "the policy's reply equals the reference answer after normalisation"
         return None

@@ -39,8 +39,11 @@ def continued(prompt: Conversation, steps: list[str], j: int) -> Conversation:
 
 
 def joined(steps: list[str], j: int, continuation: str) -> str:
-    """The full text of a continuation after the first `j` steps."""
-    return "\n".join(steps[:j]) + continuation if j else continuation
+    """The full text of a continuation after the first `j` steps: on the next line (a chat template may strip
+    the prefix's closing newline, so a continuation may start right at the next step)."""
+    if not j:
+        return continuation
+    return "\n".join(steps[:j]) + ("" if continuation.startswith("\n") else "\n") + continuation
 
 
 @dataclass
@@ -82,11 +85,13 @@ class StepDPO:
         return Pairs.of(self._rectify(located, lm, rejects), rejects)
 
     def _wrong_solutions(self, solutions: pa.Table) -> list[Probe]:
-        """The first `solutions_per_question` wrong solutions of each question."""
+        """The first `solutions_per_question` distinct wrong solutions of each question (a repeated text would
+        give the same pair again)."""
         probes = []
         for group in by_seed(solutions).values():
             rate = pass_rate(group)
-            for solution in [s for s in group if s["is_correct"] is False][: self.solutions_per_question]:
+            wrong = {" ".join(s["solution"].split()): s for s in reversed(group) if s["is_correct"] is False}
+            for solution in sorted(wrong.values(), key=lambda s: s["sample_index"])[: self.solutions_per_question]:
                 probes.append(Probe(solution, split_steps(solution["solution"]), rate))
         return probes
 
@@ -94,9 +99,10 @@ class StepDPO:
         return Sampling(n=n, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
                         seed=self.seed + offset)
 
-    def _verifies(self, probe: Probe, text: str) -> bool:
+    def _verifies(self, probe: Probe, text: str, finish_reason: str = "stop") -> bool:
         s = probe.solution
-        return verify(text, s["final_answer"], s["answer_type"], self.numeric_tolerance).is_correct is True
+        return verify(text, s["final_answer"], s["answer_type"], self.numeric_tolerance,
+                      truncated=finish_reason == "length").is_correct is True
 
     def _judge(self, probes: list[Probe], gold: dict[str, dict], judge: LanguageModel) -> None:
         """Ask the judge for the first wrong step of each solution whose seed has a gold solution."""
@@ -114,8 +120,8 @@ class StepDPO:
         outs = lm.chat([continued(p.solution["prompt"], p.steps, j) for p, j in asked],
                        self._sampling(self.rollouts)) if asked else []
         for (probe, j), samples in zip(asked, outs):
-            probe.rates.append(sum(self._verifies(probe, joined(probe.steps, j, c.text)) for c in samples)
-                               / len(samples))
+            probe.rates.append(sum(self._verifies(probe, joined(probe.steps, j, c.text), c.finish_reason)
+                                   for c in samples) / len(samples))
         for probe in probes:
             probe.step = self._first_wrong(probe)
             if probe.step is None:
@@ -152,8 +158,8 @@ class StepDPO:
                        self._sampling(self.rectify_samples, RECTIFY_SEED_OFFSET)) if probes else []
         pairs = []
         for probe, samples in zip(probes, outs):
-            fixed = next((t for t in (joined(probe.steps, probe.step - 1, c.text) for c in samples)
-                          if self._rectifies(probe, t)), None)
+            fixed = next((t for t, c in ((joined(probe.steps, probe.step - 1, c.text), c) for c in samples)
+                          if self._rectifies(probe, t, c.finish_reason)), None)
             if fixed is None:
                 detail = f"none of {len(samples)} continuations from step {probe.step - 1} reaches the gold answer"
                 rejects.append(solution_reject(probe.solution, "rectify_failed", detail, probe.rate, "step_dpo"))
@@ -161,11 +167,11 @@ class StepDPO:
                 pairs.append(step_pair(probe, fixed))
         return pairs
 
-    def _rectifies(self, probe: Probe, text: str) -> bool:
+    def _rectifies(self, probe: Probe, text: str, finish_reason: str) -> bool:
         """`text` keeps the correct prefix, replaces the wrong step with another one, and verifies."""
         k, steps = probe.step, split_steps(text)
         return (len(steps) >= k and steps[: k - 1] == probe.steps[: k - 1] and steps[k - 1] != probe.steps[k - 1]
-                and self._verifies(probe, text))
+                and self._verifies(probe, text, finish_reason))
 
 
 def judge_prompt(seed: dict, steps: list[str]) -> Conversation:

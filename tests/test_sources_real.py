@@ -102,6 +102,8 @@ def test_pairs_record_the_iteration_and_policy_and_skipped_seeds_are_quarantined
     _, catalog, _ = gold_run
     placement = catalog.versions("pairs")[-1].lineage["placement"]
     assert placement["devices"] == [] and {m["kind"] for m in placement["models"]} >= {"engine"}  # CPU: as before
+    lineage = catalog.versions("pairs")[-1].lineage
+    assert lineage["iteration"] == 1 and lineage["model_ids"]["smollm2-135m"].startswith("smollm2-135m@")
     tags = catalog.sql("SELECT DISTINCT iteration, policy_id FROM pairs").to_pylist()
     assert len(tags) == 1 and tags[0]["iteration"] == 1 and tags[0]["policy_id"].startswith("smollm2-135m@")
     quarantined = catalog.sql("SELECT stage, reason FROM quarantine").to_pylist()
@@ -115,7 +117,7 @@ def test_the_card_and_trl_export_say_how_to_train_each_source(gold_run, tmp_path
 
     _, catalog, _ = gold_run
     card = write_card(catalog, "pairs", tmp_path / "card").read_text()
-    assert "rpo_alpha" in card and "continues it" in card and "iteration" in card
+    assert "rpo_alpha" in card and "steps so far" in card and "iteration" in card
     export = export_trl(catalog, "pairs", tmp_path / "trl", test_size=0.0)
     import pyarrow.parquet as pq
 

@@ -58,7 +58,23 @@ def test_the_final_answer_is_the_last_final_line_else_the_last_line():
     assert final_answer("12 + 30 = 42\n\n") == "12 + 30 = 42"
     assert verify("12 + 30 = 42", "42", "numeric").is_correct is True
     assert final_answer("  \n") is None
-    assert verify("", "42", "numeric").reason == "empty solution"
+    assert verify("", "42", "numeric").is_correct is None
+    assert verify("12 + 30 = 42\nFinal answer:", "42", "numeric").answer is None  # an empty final line
+    cut = verify("Let me add 12 and 30, which is", "42", "numeric", truncated=True)
+    assert cut.is_correct is None and "max_tokens" in cut.reason
+
+
+@pytest.mark.parametrize("answer,gold,answer_type", [
+    ("5/0", "0", "numeric"), ("1e400", "1e401", "numeric"), ("A careful count gives C", "A", "choice"),
+    ("I think it is B", "B", "choice"), ("9^{9^{9^{9}}}", "5", "math"), ("2^{2^{30}}", "5", "math")])
+def test_answers_that_would_be_misread_or_never_finish_are_not_graded(answer, gold, answer_type):
+    assert verify(f"Final answer: {answer}", gold, answer_type).is_correct is None
+
+
+@pytest.mark.parametrize("answer,gold", [("1/2", "0.5"), ("42 (since 6*7)", "42"), ("1,2,3", "1")])
+def test_a_numeric_answer_is_the_first_number_after_its_last_equals_sign(answer, gold):
+    assert verify(f"Final answer: {answer}", gold, "numeric").is_correct is True
+    assert verify(f"Final answer: {answer}", "123" if gold == "1" else "2", "numeric").is_correct is False
 
 
 def test_an_answer_that_does_not_parse_has_no_verdict():
@@ -178,6 +194,21 @@ def test_rollouts_find_the_second_step_and_rectify_it():
     assert pair["pass_rate"] == 0.5 and out.rejects.num_rows == 0
 
 
+def test_a_continuation_that_starts_on_the_prefix_line_still_continues_on_the_next_one():
+    base = stepwise()
+    lm = ScriptedLM(lambda conv, s, k: base.script(conv, s, k).lstrip("\n"))
+    seeds, sols = step_input(lm)
+    [pair] = StepDPO(rollouts=2, rectify_samples=2)(seeds, sols, lm).pairs.to_pylist()
+    assert pair["chosen_solution"] == "\n".join(RIGHT) and pair["step_index"] == 2
+
+
+def test_repeated_wrong_solutions_are_probed_once():
+    lm = stepwise()
+    sols = SolutionSampler(samples=3)([seed()], by_index("\n".join(RIGHT), "\n".join(WRONG), "\n".join(WRONG)))
+    out = StepDPO(rollouts=2, rectify_samples=2, solutions_per_question=3)([seed()], sols, lm)
+    assert out.pairs.num_rows == 1
+
+
 def test_a_rectification_that_never_verifies_is_a_reject_row():
     lm = stepwise(rectify_ok=False)
     seeds, sols = step_input(lm)
@@ -226,3 +257,48 @@ def test_spin_chooses_the_gold_answer_over_the_policy_and_rejects_a_gold_equal_s
     assert pair["prompt"] == [{"role": "user", "content": "Boiling point of water?"}]
     assert out.rejects.column("reason").to_pylist() == ["gold_equal"]
     assert lm.calls[0][1].temperature == 1.0
+
+
+def test_spin_rejects_an_empty_or_truncated_reply():
+    seeds = [seed("Q one?", reference_answer="Gold one."), seed("Q two?", reference_answer="Gold two.")]
+    lm = ScriptedLM(lambda conv, s, k: "" if "one" in conv[0]["content"] else "a b c d e f")
+    out = SelfPlay(max_tokens=3)(seeds, lm)
+    assert out.pairs.num_rows == 0
+    assert out.rejects.column("reason").to_pylist() == ["empty_reply", "truncated"]
+
+
+def test_spin_rounds_on_one_question_are_not_duplicates_but_a_repeated_own_reply_is():
+    from prefmill.operators.dedup import dedup_key, reply_text
+
+    def spin(reply: str) -> dict:
+        return {"source": "spin", "prompt": [{"role": "user", "content": "Q?"}],
+                "chosen": [{"role": "assistant", "content": "Gold."}],
+                "rejected": [{"role": "assistant", "content": reply}]}
+    assert dedup_key(spin("round 0 reply")) != dedup_key(spin("round 1 reply"))
+    assert dedup_key(spin("same")) == dedup_key(spin("same")) and reply_text(spin("mine")) == "mine"
+
+
+def test_a_step_pair_is_compared_with_its_steps_so_far():
+    from prefmill.operators.dedup import reply_text
+
+    pair = {"prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": RIGHT[0]}],
+            "chosen": [{"role": "assistant", "content": RIGHT[1]}], "source": "step_dpo"}
+    assert reply_text(pair) == f"{RIGHT[0]}\n{RIGHT[1]}"
+
+
+def test_the_trl_export_moves_a_step_prefix_into_both_replies_and_trl_renders_one_assistant_turn(model_path):
+    from transformers import AutoTokenizer
+    from trl.data_utils import apply_chat_template
+
+    from prefmill.flows.training import continued_prompts
+    from prefmill.schemas.tables import PAIRS
+
+    prompt = [{"role": "user", "content": "What is 23 + 34?"}, {"role": "assistant", "content": RIGHT[0]}]
+    table = pa.Table.from_pylist([{"prompt": prompt, "chosen": [{"role": "assistant", "content": RIGHT[1]}],
+                                   "rejected": [{"role": "assistant", "content": WRONG[1]}]}], schema=PAIRS)
+    row = continued_prompts(table.select(["prompt", "chosen", "rejected"])).to_pylist()[0]
+    assert row["prompt"] == prompt[:1]
+    assert row["chosen"][0]["content"] == f"{RIGHT[0]}\n{RIGHT[1]}"
+    rendered = apply_chat_template(row, AutoTokenizer.from_pretrained(model_path))
+    assert rendered["chosen"].count("<|im_start|>assistant") == 0  # one turn, opened by the prompt
+    assert rendered["chosen"].startswith(f"{RIGHT[0]}\n{RIGHT[1]}")
