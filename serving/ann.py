@@ -7,7 +7,7 @@ the same or a neighbouring list, so a few probes find them. Chosen over usearch'
 DuckDB's vss extension runs) by measurement on 2 cores: see `bench/dedup.py --compare-index` and docs/benchmarks.md.
 
 A large search goes list by list (each list's vectors against all the queries that probe it, one matrix
-product) instead of query by query: the same neighbours, ~8x faster at 1M queries (faiss's own
+product) instead of query by query: the same neighbours, 3x faster at 1M queries here (faiss's own
 `contrib.big_batch_search` does the same but prints progress). `add_search` computes the list assignment
 once for adding vectors and searching them.
 """
@@ -24,7 +24,9 @@ EXACT_LIMIT = 20_000
 NPROBE = 4
 TRAIN_PER_LIST = 20
 KMEANS_ITERATIONS = 10
-LIST_BATCH = 8  # queries per list, on average, from which a search goes list by list
+LIST_BATCH = 512  # queries per list, on average, from which a search goes list by list: on 2 loaded cores it
+# was 3x faster at 1M (~1000 a list) and 3x slower at 30k (~170), where each small matrix product pays BLAS's
+# thread start (see docs/benchmarks.md, dedup)
 ASSIGN_BLOCK = 8192  # vectors assigned to their lists per matrix product (block × lists similarities held)
 
 
