@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
-from prefmill.operators.verify import verify
 from prefmill.schemas.config import validate_pipeline_config
 from prefmill.serving.hosts import LocalPool, ModelHost
 from prefmill.storage.catalog import Catalog
@@ -19,6 +19,16 @@ from prefmill.storage.catalog import Catalog
 pytestmark = pytest.mark.slow
 
 INSTRUCTION = 'Solve it step by step, one step per line, and end with a line "Final answer: <number>".'
+
+
+def stated(text: str) -> int | None:
+    """The integer a solution gives, read independently of the verifier: on its last "final answer" line (else
+    its last line), the first integer after the last "="."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    marked = [line.lower().split("final answer", 1)[1] for line in lines if "final answer" in line.lower()]
+    line = marked[-1] if marked else (lines[-1] if lines else "")
+    numbers = re.findall(r"-?\d+", line.rsplit("=", 1)[-1])
+    return int(numbers[0]) if numbers else None
 
 
 def sum_seeds(n: int, rng: random.Random) -> list[dict]:
@@ -44,7 +54,7 @@ def gold_run(engine, tmp_path_factory):
         "seeds": {"path": str(folder / "seeds.jsonl")}, "catalog": str(folder / "catalog"),
         "result_storage": str(folder / "results"), "shard_size": 5, "iteration": 1,
         "sources": {"selfchat": False, "irpo": True, "step_dpo": True, "spin": True},
-        "irpo": {"samples": 6, "max_tokens": 48, "instruction": INSTRUCTION},
+        "irpo": {"samples": 8, "max_tokens": 48, "instruction": INSTRUCTION},
         "step_dpo": {"rollouts": 2, "max_rollouts": 6, "rectify_samples": 4, "max_tokens": 40},
         "spin": {"max_tokens": 40}})
     pool = LocalPool(ModelHost(preloaded={"smollm2-135m": engine}))
@@ -60,15 +70,15 @@ def test_every_irpo_pair_chooses_a_verified_solution_over_a_wrong_one(gold_run):
     assert irpo, "the fixed seeds give the model some sums right and some wrong"
     for pair in irpo:
         gold = seeds[pair["prompt"][0]["content"].split("\n\n")[0]]["final_answer"]
-        assert verify(pair["chosen"][0]["content"], gold, "numeric").is_correct is True
-        assert verify(pair["rejected"][0]["content"], gold, "numeric").is_correct is False
+        assert stated(pair["chosen"][0]["content"]) == int(gold)
+        assert stated(pair["rejected"][0]["content"]) != int(gold)
         assert pair["gold_answer"] == gold and 0 < pair["pass_rate"] < 1
 
 
 def test_every_solution_is_kept_with_its_verdict(gold_run):
     _, catalog, _ = gold_run
     solutions = catalog.read("solutions").to_pylist()
-    assert len(solutions) == 4 * 6
+    assert len(solutions) == 4 * 8
     assert all(s["verify_reason"] for s in solutions)
     rejects = catalog.sql("SELECT reason FROM pair_rejects WHERE source = 'irpo'").column("reason").to_pylist()
     unpaired = [s for s in solutions if s["is_correct"] is None]
@@ -80,13 +90,11 @@ def test_step_dpo_pairs_continue_a_real_solution_prefix(gold_run):
     steps = catalog.sql("SELECT * FROM pairs WHERE source = 'step_dpo'").to_pylist()
     texts = catalog.sql("SELECT solution FROM solutions").column("solution").to_pylist()
     assert steps, "the fixed seeds give at least one located and rectified step"
-    with_prefix = [p for p in steps if p["prompt"][-1]["role"] == "assistant"]
-    assert with_prefix, "at least one wrong step after a correct prefix"
-    for pair in steps:
-        prefix = pair["prompt"][-1]["content"] if pair in with_prefix else ""
-        assert any(t.startswith(prefix) for t in texts) and pair["rejected_solution"] in texts
-        assert pair["chosen_solution"].startswith(prefix) and pair["step_index"] >= 1
-        assert pair["chosen"] != pair["rejected"]
+    for pair in steps:  # a pair whose first step is wrong has no prefix: its prompt is the question
+        prefix = pair["prompt"][-1]["content"] if pair["prompt"][-1]["role"] == "assistant" else ""
+        assert pair["rejected_solution"] in texts and pair["rejected_solution"].startswith(prefix)
+        assert pair["chosen_solution"].startswith(prefix) and pair["chosen"] != pair["rejected"]
+        assert len(prefix.splitlines()) == pair["step_index"] - 1 if prefix else pair["step_index"] == 1
 
 
 def test_spin_pairs_choose_the_reference_answer(gold_run):
