@@ -124,7 +124,7 @@ def test_the_summary_json_is_the_stage_table_counts_and_versions_as_plain_data()
         "stages": {"rollout": {"shards": 2, "cached": 1, "compute_s": 3.0, "wall_s": 2.5, "requests": 5,
                                "tokens": 40, "tokens_per_s": 20.0}},
         "step_wall_s": {"rollout": 2.5, "publish": 0.3}, "counts": {"pairs": 2}, "versions": {"pairs": 3},
-        "wall_s": 9.9}
+        "placement": {}, "wall_s": 9.9}
 
 
 @pytest.mark.parametrize("configured", ["http://LOCALHOST:80/api", "http://localhost/api/"])
