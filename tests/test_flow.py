@@ -141,7 +141,7 @@ def test_a_failed_shard_waits_for_its_running_siblings_before_the_pool_closes(tm
     cfg = tiny_config(tmp_path)
     pool = SlowSiblingPool()
     pool.first = load_seeds().seeds.column("seed_id")[0].as_py()
-    monkeypatch.setattr(pipeline_module, "open_pool", lambda _cfg: pool)  # the run opens (and closes) it
+    monkeypatch.setattr(pipeline_module, "open_pool", lambda _cfg, _plan: pool)  # the run opens (and closes) it
     with pytest.raises(RuntimeError, match="injected crash"):
         run(cfg, None)
     assert pool.running_at_shutdown == 0

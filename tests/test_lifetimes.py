@@ -28,7 +28,7 @@ def test_a_finished_run_keeps_no_reference_to_the_pool_it_opened(tmp_path, monke
     outlive the run; the run's models must let go of the pool, or every run's engine stays in memory."""
     import prefmill.flows.pipeline as P
 
-    monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
+    monkeypatch.setattr(P, "open_pool", lambda _cfg, _plan: Closable())
     with P.RunModels(load_pipeline_config(None, [f'catalog="{tmp_path}"'])) as models:
         pool = models.pool()
     kept = models  # what a Prefect service keeps of a task's arguments
@@ -44,7 +44,7 @@ def test_a_closed_host_lets_go_of_the_engines_it_opened_but_not_of_preloaded_one
     from prefmill.serving.hosts import ModelHost
 
     class Engine(Closable):
-        def __init__(self, config):
+        def __init__(self, config, devices=()):
             self.name = config.model
 
     monkeypatch.setattr(engine_module, "VLLMEngine", Engine)
@@ -87,7 +87,7 @@ def test_run_models_that_ended_refuse_to_open_another_pool(tmp_path, monkeypatch
     lent pool is its owner's to close."""
     import prefmill.flows.pipeline as P
 
-    monkeypatch.setattr(P, "open_pool", lambda _cfg: Closable())
+    monkeypatch.setattr(P, "open_pool", lambda _cfg, _plan: Closable())
     cfg = load_pipeline_config(None, [f'catalog="{tmp_path}"'])
     with P.RunModels(cfg) as models:
         pool = models.pool()

@@ -156,7 +156,7 @@ def test_a_rerun_takes_finished_shards_from_the_store_and_opens_no_model(tmp_pat
     assert pool.calls == 3 and (result.stages["double"].shards, result.stages["double"].cached) == (3, 0)
     assert [s.tables["doubled"]["x"].to_pylist() for s in shards] == [[0, 2], [4, 6], [8, 10]]
 
-    monkeypatch.setattr(pipeline_module, "open_pool", lambda cfg: pytest.fail("a cached re-run opened a model"))
+    monkeypatch.setattr(pipeline_module, "open_pool", lambda cfg, plan: pytest.fail("a cached re-run opened a model"))
     again, result = run_doubler(store, RunModels(PipelineConfig()))
     assert (result.stages["double"].shards, result.stages["double"].cached) == (3, 3)
     assert [s.tables for s in again] == [s.tables for s in shards] and [s.digests for s in again] == \
