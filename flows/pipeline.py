@@ -295,8 +295,7 @@ def all_pairs(cfg: PipelineConfig, stages: list[Stage], tables: dict[str, pa.Tab
     """Every source's pairs and reject rows as one table each, tagged with the run, its iteration and the
     policy's identity (spec + a hash of its files), so rounds of SPIN/IRPO can be told apart by SQL."""
     parts = [mine_pairs(cfg, tables)] if "candidates" in tables else []
-    parts += [MinedPairs(tables[pairs], tables[rejects]) for s in stages if s.pair_tables
-              for pairs, rejects in [s.pair_tables]]
+    parts += [MinedPairs(*(tables[name] for name in s.pair_tables)) for s in stages if s.pair_tables]
     tags = {"run_id": run, "iteration": cfg.iteration, "policy_id": policy}
     pairs = pa.concat_tables([PAIRS.empty_table(), *(p.pairs for p in parts)])
     rejects = pa.concat_tables([PAIR_REJECTS.empty_table(), *(p.rejects for p in parts)])

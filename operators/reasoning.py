@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from prefmill.operators.dedup import normalise
 from prefmill.operators.ids import stable_id
 from prefmill.operators.verify import verify
 from prefmill.schemas.config import IRPOSection
@@ -130,7 +131,7 @@ def _distinct(solutions: list[dict], rate: float, rejects: list[dict]) -> list[d
     """One solution per text (white space and case folded); later copies become reject rows."""
     first: dict[str, dict] = {}
     for s in solutions:
-        key = " ".join(s["solution"].split()).casefold()
+        key = normalise(s["solution"])
         if key in first:
             rejects.append(solution_reject(s, "duplicate_solution", f"same text as {first[key]['solution_id']}", rate))
         else:

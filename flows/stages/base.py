@@ -76,6 +76,10 @@ class Stage:
         """Whether `seed` has every field this stage needs (the others are quarantined before the run)."""
         return all(seed.get(name) for name in self.seed_fields)
 
+    def fed_seeds(self, tables: dict[str, pa.Table]) -> list[dict]:
+        """The shard's seeds this stage takes (`takes`), as rows."""
+        return [seed for seed in tables["seeds"].to_pylist() if self.takes(seed)]
+
     def fingerprint(self) -> str:
         """A hash of the stage's configuration (its fields, model specs included) and of the source of every
         repository module its own module imports, transitively."""

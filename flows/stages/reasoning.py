@@ -35,7 +35,7 @@ class IRPOStage(Stage):
         return {"assistant": ModelRole(self.assistant)}
 
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
-        seeds = [s for s in tables["seeds"].to_pylist() if self.takes(s)]
+        seeds = self.fed_seeds(tables)
         solutions = self.sampler(seeds, models.chat_model(self.assistant))
         pairs = self.pairing(solutions)
         return {"solutions": solutions, "irpo_pairs": pairs.pairs, "irpo_rejects": pairs.rejects}

@@ -33,6 +33,6 @@ class SPINStage(Stage):
         return {"assistant": ModelRole(self.assistant)}
 
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
-        seeds = [s for s in tables["seeds"].to_pylist() if self.takes(s)]
+        seeds = self.fed_seeds(tables)
         pairs = self.selfplay(seeds, models.chat_model(self.assistant))
         return {"spin_pairs": pairs.pairs, "spin_rejects": pairs.rejects}

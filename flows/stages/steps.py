@@ -37,6 +37,6 @@ class StepDPOStage(Stage):
 
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
         judge = models.chat_model(self.judge) if self.judge else None
-        seeds = [s for s in tables["seeds"].to_pylist() if self.takes(s)]
+        seeds = self.fed_seeds(tables)
         pairs = self.steps(seeds, tables["solutions"], models.chat_model(self.assistant), judge)
         return {"step_dpo_pairs": pairs.pairs, "step_dpo_rejects": pairs.rejects}
