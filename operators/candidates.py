@@ -80,5 +80,5 @@ class CandidateSampler:
             "context_id": ctx["context_id"], "conversation_id": ctx["conversation_id"], "seed_id": ctx["seed_id"],
             "context": ctx["context"], "reply": reply.text, "sample_index": k, "sampling_seed": self.seed + k,
             "num_tokens": reply.num_tokens, "finish_reason": reply.finish_reason, "is_duplicate": duplicate,
-            "model": model,
+            "model": model, "is_teacher": False,
         }

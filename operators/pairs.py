@@ -74,7 +74,7 @@ def revised_candidates(candidates: pa.Table, critiques: pa.Table) -> pa.Table:
             continue
         rows.append({**original, "candidate_id": revised_id(original["candidate_id"], text), "reply": text,
                      "num_tokens": None, "finish_reason": "revised", "is_duplicate": False,
-                     "model": critique["critic_model"]})
+                     "model": critique["critic_model"], "is_teacher": False})
     return pa.Table.from_pylist(rows, schema=CANDIDATES)
 
 
@@ -204,6 +204,7 @@ class PairMiner:
             "chosen_mean_win_prob": mean_win_prob(chosen, ranked),
             "rejected_mean_win_prob": mean_win_prob(rejected, ranked),
             "num_candidates": len(ranked), "strategy": self.strategy,
+            "chosen_is_teacher": bool(c.get("is_teacher")), "rejected_is_teacher": bool(r.get("is_teacher")),
             "conversation_id": c["conversation_id"], "seed_id": c["seed_id"],
             "policy_model": _policy_model(chosen, ranked), **models,
         }

@@ -89,16 +89,20 @@ class ModelsSection(_Section):
     simulator: str | None = Field(default=None, description="plays the user in self-chat; None: the assistant")
     scorer: str | None = Field(default=None, description="scores follow-up likelihoods (FLR); None: the assistant")
     critic: str | None = Field(default=None, description="splits, judges and revises claims; None: the assistant")
-    judge: str | None = Field(default=None, description="finds the first wrong step of a solution "
-                                                       "(step_dpo.locator = judge); None: the assistant")
+    judge: str | None = Field(default=None, description="grades replies against a rubric ([judge]) and finds "
+                                                       "the first wrong step of a solution (step_dpo.locator = "
+                                                       "judge); None: the assistant")
+    teacher: str | None = Field(default=None, description="adds one reply per context to the candidates, flagged "
+                                                         "is_teacher (DNO); None: no teacher")
     embedder: str = Field(default="all-minilm-l6-v2", description="sentence-transformers model for dedup (the "
                                                                   "packaged all-MiniLM-L6-v2, a folder or a hub id)")
 
     def resolved(self) -> dict[str, str]:
-        """Every role's model spec, defaults filled in."""
+        """Every role's model spec, defaults filled in (the teacher only when there is one)."""
+        teacher = {"teacher": self.teacher} if self.teacher else {}
         return {"assistant": self.assistant, "simulator": self.simulator or self.assistant,
                 "scorer": self.scorer or self.assistant, "critic": self.critic or self.assistant,
-                "judge": self.judge or self.assistant, "embedder": self.embedder}
+                "judge": self.judge or self.assistant, "embedder": self.embedder, **teacher}
 
 
 class SelfChatSection(_Section):
@@ -167,6 +171,8 @@ class PairsSection(_Section):
                                           "largest margins first")
     flr_weight: float = Field(default=1.0, ge=0.0, description="weight of the FLR reward in the composite score")
     factuality_weight: float = Field(default=1.0, ge=0.0, description="ignored (0) when critiques are off")
+    judge_weight: float = Field(default=0.0, ge=0.0, description="weight of the rubric judge's score ([judge]); "
+                                                                 "0: the judge, when on, is recorded only")
     normalization: str = Field(default="pooled", description="pooled: centred per context, scaled by the run's "
                                                              "pooled spread; context: a z-score per context; none")
     min_margin: float = Field(default=0.25, ge=0.0, description="a context whose best margin is lower gives no "
@@ -202,6 +208,9 @@ class SourcesSection(_Section):
     step_dpo: bool = Field(default=False, description="first-wrong-step pairs from IRPO's wrong solutions "
                                                       "(Step-DPO); needs irpo")
     spin: bool = Field(default=False, description="the seed's reference_answer vs the policy's own reply (SPIN)")
+    refuel: bool = Field(default=False, description="branched multi-turn rollouts: two futures of one self-chat "
+                                                    "prefix, ranked by their summed per-turn rewards (REFUEL); "
+                                                    "needs selfchat")
 
 
 SOLVE_INSTRUCTION = ("Solve the problem step by step. Write each step on its own line, then end with a last line "
@@ -338,6 +347,8 @@ class PipelineConfig(_Section):
             raise ValueError("sources: every source is off; turn one on, e.g. sources.selfchat = true")
         if self.sources.step_dpo and not self.sources.irpo:
             raise ValueError("sources.step_dpo needs sources.irpo = true: it starts from IRPO's wrong solutions")
+        if self.sources.refuel and not self.sources.selfchat:
+            raise ValueError("sources.refuel needs sources.selfchat = true: it branches self-chat conversations")
         return self
 
     def fingerprint(self) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
@@ -93,6 +93,7 @@ CANDIDATES = _schema(
         ("finish_reason", pa.string()),
         ("is_duplicate", pa.bool_()),
         ("model", pa.string()),
+        ("is_teacher", pa.bool_()),
     ],
 )
 
@@ -188,6 +189,14 @@ PAIRS = _schema(
         ("step_locator", pa.string()),
         ("chosen_solution", pa.string()),
         ("rejected_solution", pa.string()),
+        ("chosen_judge", pa.float64()),
+        ("rejected_judge", pa.float64()),
+        ("chosen_is_teacher", pa.bool_()),
+        ("rejected_is_teacher", pa.bool_()),
+        ("branch_turn", pa.int32()),
+        ("chosen_turn_rewards", pa.list_(pa.float64())),
+        ("rejected_turn_rewards", pa.list_(pa.float64())),
+        ("future_reward_diff", pa.float64()),
     ],
 )
 
