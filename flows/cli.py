@@ -464,6 +464,73 @@ def card(
     console.print(f"wrote {path}")
 
 
+@app.command()
+def evaluate(
+    file: Path = typer.Argument(..., help="labelled pairs: JSON lines with prompt, chosen, rejected (strings or "
+                                          "TRL message lists, as `prefmill export --format trl` writes them)"),
+    config: Optional[Path] = typer.Argument(None, help="pipeline config (TOML): models and weights; default: "
+                                                       "every key's default"),
+    set_: list[str] = SetOption,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    boot: int = typer.Option(2000, "--boot", min=10, help="bootstrap resamples over prompts (when they repeat)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the bootstrap"),
+) -> None:
+    """Check a scorer before trusting a run with it: how often FLR, factuality, the rubric judge and the
+    composite (the config's pairs.*_weight) prefer the human-chosen reply of FILE, with 95% intervals, ties,
+    and the "longer reply wins" baseline.
+
+    Example: prefmill evaluate labelled.jsonl --set judge.enabled=true --set pairs.judge_weight=1
+    """
+    from prefmill.flows.evaluate import LabelledFileError, evaluate_file
+    from prefmill.operators.judge import RubricFileError
+    from prefmill.schemas.config import ConfigError, load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(config, set_)
+        with _evaluate_progress() as progress:
+            result = evaluate_file(file, cfg, progress, boot, seed)
+    except (ConfigError, LabelledFileError, RubricFileError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(agreement_table(result))
+
+
+@contextlib.contextmanager
+def _evaluate_progress():
+    """A progress bar per score part on stderr (stdout stays the table or the JSON)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        def update(part: str, done: int, total: int) -> None:
+            if part not in bars:
+                bars[part] = progress.add_task(part, total=total)
+            progress.update(bars[part], completed=done)
+        yield update
+
+
+def agreement_table(result: dict) -> Table:
+    """`prefmill evaluate`'s report as a table: one row per score part, the baseline last."""
+    table = Table("part", "agreement", "95% CI", "agree", "disagree", "ties", "missing", "note",
+                  title=f"{result['pairs']} labelled pairs, {result['prompts']} prompts, {result['replies']} replies"
+                        f" (chance 0.5)")
+    for name, part in result["parts"].items():
+        if "skipped" in part:
+            table.add_row(name, "-", "-", "-", "-", "-", "-", escape(part["skipped"]))
+            continue
+        boot = part["boot_low"] is not None
+        low, high = (part["boot_low"], part["boot_high"]) if boot else (part["wilson_low"], part["wilson_high"])
+        ci = f"{low:.3f}-{high:.3f} ({'bootstrap' if boot else 'Wilson'})" if low is not None else "-"
+        rate = f"{part['agreement']:.3f}" if part["agreement"] is not None else "-"
+        note = part.get("note") or (", ".join(f"{k}={v:g}" for k, v in part["weights"].items())
+                                     if "weights" in part else "")
+        table.add_row(name, rate, ci, *(str(part[k]) for k in ("agree", "disagree", "ties", "missing")), escape(note))
+    return table
+
+
 def _emit(result: pa.Table, fmt: str, target: Path | None) -> None:
     """Print `result`, or write it to `target` through a temporary file that replaces it only when complete."""
     from prefmill.storage.outputs import replacing

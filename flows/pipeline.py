@@ -303,10 +303,11 @@ def all_pairs(cfg: PipelineConfig, stages: list[Stage], tables: dict[str, pa.Tab
 
 
 def mine_pairs(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> MinedPairs:
-    """Self-chat's chosen/rejected pairs from every candidate's reward (and factuality when critiques ran)."""
+    """Self-chat's chosen/rejected pairs from every candidate's reward (and factuality when critiques ran, the
+    judge's score when the judge ran)."""
     critiques = tables.get("critiques")
     miner = PairMiner(**settings(PairMiner, cfg.pairs) | ({} if critiques is not None else {"factuality_weight": 0.0}))
-    mined = miner(tables["candidates"], tables["rewards"], critiques)
+    mined = miner(tables["candidates"], tables["rewards"], critiques, judgements=tables.get("judgements"))
     return MinedPairs(with_values(mined.pairs, {"source": "selfchat"}),
                       with_values(mined.rejects, {"source": "selfchat"}))
 

@@ -1,10 +1,11 @@
 """Preference pairs: per context, score every candidate (and every critique-revised reply) and mine
 chosen/rejected pairs in TRL's explicit conversational format.
 
-Composite score = `flr_weight` · FLR reward + `factuality_weight` · factuality score, each normalised
-within its context. Default normalisation `pooled`: subtract the context's mean (a prompt that makes every
-follow-up likely, or whose source makes every claim checkable, says nothing about which reply is better),
-then divide by the spread of those within-context deviations pooled over the whole batch (so the two
+Composite score = `flr_weight` · FLR reward + `factuality_weight` · factuality score + `judge_weight` ·
+rubric-judge score (the mean of the reply's aspect scores, 1-5, from the `judgements` table), each
+normalised within its context. Default normalisation `pooled`: subtract the context's mean (a prompt that
+makes every follow-up likely, or whose source makes every claim checkable, says nothing about which reply is
+better), then divide by the spread of those within-context deviations pooled over the whole batch (so the
 parts are on one scale). Dividing by each context's own spread (`context`, a per-context z-score) would
 blow two replies that differ by noise up to a full unit apart and make the margin meaningless.
 
@@ -15,10 +16,13 @@ Strategies (a pair is kept only at or above `min_margin`):
 - `all_above_margin`: every ordered pair at or above the margin, largest margins first, at most
   `max_pairs_per_context`.
 Chosen and rejected are never the same text: identical replies are merged before mining. A context
-that cannot give a pair, and a candidate that cannot compete, becomes a `pair_rejects` row with the
-reason; a context whose candidates were never sampled because it does not fit the model's context window
-is one `prompt_too_long` row. Each pair keeps SPPO-style soft labels: `P[i][j] = σ(s_i − s_j)`; `chosen_win_prob` =
-`P[chosen][rejected]`; each side's mean win probability over the other replies of the context.
+that cannot give a pair, and a candidate that cannot compete (no FLR reward; no factuality score when
+critiques ran and weigh in; no judge score on every aspect when `judge_weight` > 0), becomes a
+`pair_rejects` row with the reason; a context whose candidates were never sampled because it does not fit
+the model's context window is one `prompt_too_long` row. Each pair keeps SPPO-style soft labels:
+`P[i][j] = σ(s_i − s_j)`; `chosen_win_prob` = `P[chosen][rejected]`; each side's mean win probability over the
+other replies of the context. Each pair records both replies' judge scores (`chosen_judge`, `rejected_judge`)
+whenever the judge ran, weighed in or not.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pyarrow as pa
 
 from prefmill.operators.gates import reply_gate
 from prefmill.operators.ids import stable_id
+from prefmill.operators.judge import judge_scores
 from prefmill.schemas.config import PairsSection
 from prefmill.schemas.tables import CANDIDATES, PAIR_REJECTS, PAIRS
 from prefmill.serving.protocols import PROMPT_TOO_LONG
@@ -55,6 +60,7 @@ class Scored:
     reward: float
     factuality: float | None
     revised_from: str | None
+    judge: float | None = None
     score: float = 0.0
 
 
@@ -88,6 +94,7 @@ class PairMiner:
     strategy: str = _DEFAULTS.strategy
     flr_weight: float = _DEFAULTS.flr_weight
     factuality_weight: float = _DEFAULTS.factuality_weight
+    judge_weight: float = _DEFAULTS.judge_weight
     normalization: str = _DEFAULTS.normalization
     min_margin: float = _DEFAULTS.min_margin
     max_pairs_per_context: int = _DEFAULTS.max_pairs_per_context
@@ -102,10 +109,10 @@ class PairMiner:
             raise ValueError("pairs min_margin must be >= 0 and max_pairs_per_context >= 1")
 
     def __call__(self, candidates: pa.Table, rewards: pa.Table, critiques: pa.Table | None = None,
-                 run_id: str | None = None) -> MinedPairs:
+                 run_id: str | None = None, judgements: pa.Table | None = None) -> MinedPairs:
         rejects: list[dict] = []
-        contexts = self._competitors(candidates, rewards, critiques, rejects)
-        self._score(contexts)
+        contexts = self._competitors(candidates, rewards, critiques, judgements, rejects)
+        self.score(contexts)
         models = _models(rewards, critiques)
         pairs = []
         for context_id in sorted(contexts):
@@ -115,23 +122,24 @@ class PairMiner:
         return MinedPairs(pa.Table.from_pylist(pairs, schema=PAIRS), pa.Table.from_pylist(rejects, schema=PAIR_REJECTS))
 
     def _competitors(self, candidates: pa.Table, rewards: pa.Table, critiques: pa.Table | None,
-                     rejects: list[dict]) -> dict[str, list[Scored]]:
+                     judgements: pa.Table | None, rejects: list[dict]) -> dict[str, list[Scored]]:
         """Replies that can compete, grouped by context; every other one becomes a reject row."""
         reward_of = dict(zip(rewards.column("candidate_id").to_pylist(), rewards.column("reward").to_pylist()))
         factuality, origin = _factuality(critiques)
+        judged = judge_scores(judgements)
         contexts: dict[str, list[Scored]] = defaultdict(list)
         too_long: dict[str, dict] = {}
         for row in sorted(candidates.to_pylist(), key=lambda r: r["candidate_id"]):
             if row["finish_reason"] == PROMPT_TOO_LONG:
                 too_long.setdefault(row["context_id"], row)
                 continue
-            problem = self._problem(row, reward_of, factuality, critiques is not None)
+            problem = self._problem(row, reward_of, factuality, critiques is not None) or self._unjudged(row, judged)
             if problem:
                 rejects.append(_reject(row, *problem))
                 continue
-            contexts[row["context_id"]].append(
-                Scored(row, reward_of[row["candidate_id"]], factuality.get(row["candidate_id"]),
-                       origin.get(row["candidate_id"])))
+            cid = row["candidate_id"]
+            contexts[row["context_id"]].append(Scored(row, reward_of[cid], factuality.get(cid), origin.get(cid),
+                                                      judged.get(cid, (None, None))[0]))
         rejects += [_context_reject(row, PROMPT_TOO_LONG, "the context does not fit the model's context window "
                                     "with the candidates' max_tokens: no reply was sampled", 0, None)
                     for _, row in sorted(too_long.items())]
@@ -148,12 +156,22 @@ class PairMiner:
             return gate, "the reply is empty" if gate == "empty_reply" else "the reply repeats the last user turn"
         return None
 
-    def _score(self, contexts: dict[str, list[Scored]]) -> None:
+    def _unjudged(self, row: dict, judged: dict[str, tuple[float | None, str | None]]) -> tuple[str, str] | None:
+        """Why a reply cannot compete when the judge weighs in and it has no judge score."""
+        if not self.judge_weight:
+            return None
+        score, reason = judged.get(row["candidate_id"], (None, "not judged (is the judge stage on?)"))
+        return None if score is not None else ("no_judge_score", f"no judge score: {reason}")
+
+    def score(self, contexts: dict[str, list[Scored]]) -> None:
+        """Each reply's composite score: its weighted parts, each normalised within its context."""
         flr = _normalised(contexts, lambda s: s.reward, self.normalization)
         fact = _normalised(contexts, lambda s: s.factuality, self.normalization)
+        judge = _normalised(contexts, lambda s: s.judge, self.normalization)
         for group in contexts.values():
             for s in group:
-                s.score = self.flr_weight * flr[id(s)] + self.factuality_weight * fact.get(id(s), 0.0)
+                s.score = (self.flr_weight * flr[id(s)] + self.factuality_weight * fact.get(id(s), 0.0)
+                           + self.judge_weight * judge.get(id(s), 0.0))
 
     def _mine(self, group: list[Scored], models: dict[str, str | None], rejects: list[dict]) -> list[dict]:
         ranked = sorted(group, key=lambda s: (-s.score, s.row["candidate_id"]))
@@ -200,6 +218,7 @@ class PairMiner:
             "score_chosen": chosen.score, "score_rejected": rejected.score,
             "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
             "chosen_factuality": chosen.factuality, "rejected_factuality": rejected.factuality,
+            "chosen_judge": chosen.judge, "rejected_judge": rejected.judge,
             "margin": _margin(chosen, rejected), "chosen_win_prob": win_prob(chosen.score, rejected.score),
             "chosen_mean_win_prob": mean_win_prob(chosen, ranked),
             "rejected_mean_win_prob": mean_win_prob(rejected, ranked),
@@ -295,6 +314,6 @@ def _models(rewards: pa.Table, critiques: pa.Table | None) -> dict[str, str | No
 
 
 def _policy_model(chosen: Scored, ranked: list[Scored]) -> str:
-    """The model that sampled the context's replies (a revision's original came from it too)."""
-    originals = [s.row["model"] for s in ranked if s.revised_from is None]
+    """The model that sampled the context's replies (a revision's original came from it too; not the teacher)."""
+    originals = [s.row["model"] for s in ranked if s.revised_from is None and not s.row.get("is_teacher")]
     return originals[0] if originals else chosen.row["model"]

@@ -162,6 +162,28 @@ class CritiquesSection(_Section):
     seed: int = Field(default=0, description="sampling seed of the critic's calls")
 
 
+JUDGE_ASPECTS = ("helpfulness", "harmlessness", "honesty")  # the built-in rubrics (operators/judge.py)
+
+
+class JudgeSection(_Section):
+    """A rubric judge (Prometheus 2-style absolute grading): feedback then a 1-5 score per reply and aspect."""
+
+    enabled: bool = Field(default=False, description="true: models.judge grades every self-chat candidate (critique "
+                                                     "revisions included) into the judgements table")
+    rubrics: str | None = Field(default=None, description="JSON or TOML file of rubrics ({aspect: {criteria, "
+                                                          "score1_description … score5_description}}) that "
+                                                          "override or add to the built-in ones")
+    aspects: list[str] = Field(default=list(JUDGE_ASPECTS), min_length=1, description="rubrics each reply is "
+                                                                                      "graded on (built-in: "
+                                                                                      "helpfulness, harmlessness, "
+                                                                                      "honesty)")
+    use_reference: bool = Field(default=True, description="show the seed's reference_answer as the score-5 "
+                                                          "reference when the context is the seed question alone")
+    max_tokens: int = Field(default=256, ge=16, description="tokens of one judge answer (feedback + score) at most")
+    temperature: float = Field(default=0.0, ge=0.0, description="sampling temperature of the judge")
+    seed: int = Field(default=0, description="sampling seed of the judge's calls")
+
+
 class PairsSection(_Section):
     """Pair mining: composite scores per context and the chosen/rejected strategy."""
 
@@ -310,6 +332,7 @@ class PipelineConfig(_Section):
     candidates: CandidatesSection = CandidatesSection()
     flr: FLRSection = FLRSection()
     critiques: CritiquesSection = CritiquesSection()
+    judge: JudgeSection = JudgeSection()
     pairs: PairsSection = PairsSection()
     dedup: DedupSection = DedupSection()
     sources: SourcesSection = SourcesSection()
@@ -349,6 +372,13 @@ class PipelineConfig(_Section):
             raise ValueError("sources.step_dpo needs sources.irpo = true: it starts from IRPO's wrong solutions")
         if self.sources.refuel and not self.sources.selfchat:
             raise ValueError("sources.refuel needs sources.selfchat = true: it branches self-chat conversations")
+        return self
+
+    @model_validator(mode="after")
+    def _judge_weight_needs_judge(self) -> PipelineConfig:
+        if self.pairs.judge_weight and not self.judge.enabled:
+            raise ValueError(f"pairs.judge_weight = {self.pairs.judge_weight} needs judge.enabled = true (no reply "
+                             "would have a judge score): turn the judge on, or set pairs.judge_weight = 0")
         return self
 
     def fingerprint(self) -> str:

@@ -125,6 +125,21 @@ CRITIQUES = _schema(
     ],
 )
 
+JUDGEMENTS = _schema(
+    "judgements",
+    [
+        ("candidate_id", pa.string()),
+        ("context_id", pa.string()),
+        ("aspect", pa.string()),
+        ("score", pa.int32()),
+        ("feedback", pa.string()),
+        ("used_reference", pa.bool_()),
+        ("raw_output", pa.string()),
+        ("error", pa.string()),
+        ("judge_model", pa.string()),
+    ],
+)
+
 SOLUTIONS = _schema(
     "solutions",
     [
@@ -259,8 +274,8 @@ QUARANTINE = _schema(
 
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"prefmill.schema"].decode(): s
-    for s in (SEEDS, CONVERSATIONS, CANDIDATES, REWARDS, CRITIQUES, SOLUTIONS, PAIRS, PAIR_EMBEDDINGS, PAIR_REJECTS,
-              DEDUP_REMOVED, QUARANTINE)
+    for s in (SEEDS, CONVERSATIONS, CANDIDATES, REWARDS, CRITIQUES, JUDGEMENTS, SOLUTIONS, PAIRS, PAIR_EMBEDDINGS,
+              PAIR_REJECTS, DEDUP_REMOVED, QUARANTINE)
 }
 
 

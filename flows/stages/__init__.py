@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from prefmill.flows.stages.base import ModelRole, Models, Stage
 from prefmill.flows.stages.critiques import CritiqueStage
+from prefmill.flows.stages.judge import JudgeStage
 from prefmill.flows.stages.reasoning import IRPOStage
 from prefmill.flows.stages.rewards import RewardStage
 from prefmill.flows.stages.rollout import RolloutStage
@@ -18,7 +19,8 @@ from prefmill.operators.seeds import SeedFileError
 from prefmill.schemas.config import PipelineConfig
 from prefmill.schemas.tables import QUARANTINE
 
-STAGES: tuple[type[Stage], ...] = (RolloutStage, RewardStage, CritiqueStage, IRPOStage, StepDPOStage, SPINStage)
+STAGES: tuple[type[Stage], ...] = (RolloutStage, RewardStage, CritiqueStage, JudgeStage, IRPOStage, StepDPOStage,
+                                   SPINStage)
 SHARD_INPUTS = ("seeds",)  # what every shard starts with
 
 __all__ = ["STAGES", "ModelRole", "Models", "Stage", "build_stages", "seed_quarantine"]
