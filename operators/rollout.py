@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from prefmill.operators.branching import Branching
 from prefmill.operators.candidates import CandidateSampler, context_ends, context_row
 from prefmill.operators.selfchat import Dialogues, Progress, SelfChat
 from prefmill.operators.streams import run_requests
@@ -27,6 +28,7 @@ from prefmill.serving.protocols import Completion, LanguageModel, Request
 class RolloutTables:
     conversations: pa.Table
     candidates: pa.Table
+    branches: pa.Table | None = None  # with branching on (REFUEL)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Rollout:
     selfchat: SelfChat = field(default_factory=SelfChat)
     sampler: CandidateSampler = field(default_factory=CandidateSampler)
     contexts: str = CandidatesSection().contexts
+    branching: Branching | None = None  # branch every finished conversation (REFUEL) in the same request stream
 
     def __post_init__(self):
         if self.contexts not in {"all", "last"}:
@@ -53,14 +56,14 @@ class Rollout:
             if kind == "candidates":
                 rows[i, end] = self.sampler.rows(self._context(dialogues, i, end), completions, assistant.name)
                 return []
-            return [*dialogues.take(request, completions), *self._candidate_requests(dialogues, i, asked)]
+            return self._turn_done(dialogues, request, completions, asked)
 
         first = dialogues.first_requests()
         first += [r for i in range(len(seeds)) for r in self._candidate_requests(dialogues, i, asked)]
         run_requests({"assistant": assistant, "simulator": simulator}, first, on_done)
         candidates = [row for key in sorted(rows) for row in rows[key]]
         return RolloutTables(dialogues.table(),
-                             pa.Table.from_pylist(candidates, schema=CANDIDATES))
+                             pa.Table.from_pylist(candidates, schema=CANDIDATES), self._branches(dialogues))
 
     def _candidate_requests(self, dialogues: Dialogues, i: int, asked: set[tuple[int, int]]) -> Iterator[Request]:
         """Requests for conversation i's contexts that are known now and were not asked for yet."""
@@ -75,3 +78,17 @@ class Rollout:
     @staticmethod
     def _context(dialogues: Dialogues, i: int, end: int) -> dict:
         return context_row(dialogues.conversation_id(i), dialogues.seed_id(i), dialogues.messages(i), end)
+
+    def _turn_done(self, dialogues: Dialogues, request: Request, completions: list[Completion],
+                   asked: set[tuple[int, int]]) -> list[Request]:
+        """A self-chat turn's follow-ups: the conversation's next turn, the candidates of a context it made known
+        and, once it has ended, its branches; a branch gets only its own next turn (no candidates)."""
+        i = request.key[1]
+        follow_ups = dialogues.take(request, completions)
+        if dialogues.is_branch(i):
+            return follow_ups
+        branches = self.branching.requests(dialogues, i) if self.branching and not follow_ups else []
+        return [*follow_ups, *branches, *self._candidate_requests(dialogues, i, asked)]
+
+    def _branches(self, dialogues: Dialogues) -> pa.Table | None:
+        return self.branching.table(dialogues) if self.branching else None

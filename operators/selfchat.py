@@ -120,11 +120,12 @@ class SelfChat:
         instructions and the (assistant, simulator) model specs."""
         return stable_id("conv", seed_id, asdict(self), SIMULATOR_SYSTEM, models)
 
-    def sampling(self, max_tokens: int, turn: int, role: int, stop: tuple[str, ...] = (), attempt: int = 0) -> Sampling:
+    def sampling(self, max_tokens: int, turn: int, role: int, stop: tuple[str, ...] = (), attempt: int = 0,
+                 shift: int = 0) -> Sampling:
         """Turn `turn` of role 0 (assistant) or 1 (simulator): every conversation gets the same seed;
-        a resampled user turn (`attempt` 1) gets another one."""
+        a resampled user turn (`attempt` 1) gets another one, and a branch's turns (`shift`) others again."""
         return Sampling(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
-                        seed=self.seed + 2 * turn + role + RESAMPLE_SEED_STEP * attempt, stop=stop)
+                        seed=self.seed + shift + 2 * turn + role + RESAMPLE_SEED_STEP * attempt, stop=stop)
 
 
 Progress = Callable[[int, int], None]
@@ -135,13 +136,15 @@ class Dialogues:
     """The live state of one self-chat run: each conversation's messages, and the request it needs next.
 
     Request keys are `("assistant" | "user", conversation index, turn)`; `take` consumes a finished
-    request and returns the conversation's next one (none once it has ended).
+    request and returns the conversation's next one (none once it has ended). A branch (`branch`) is a
+    conversation restarted from a prefix of another; its states follow the seeds' own, outside `table`.
     """
 
     def __init__(self, chat: SelfChat, seeds: list[dict], progress: Progress | None = None,
                  models: tuple[str, str] = ("default", "default")):
         self.chat, self.progress, self.finished, self.models = chat, progress, 0, models
         self.states = [_State(seed, [Message(role="user", content=seed["question"])]) for seed in seeds]
+        self.conversations = len(seeds)
 
     def first_requests(self) -> list[Request]:
         return [self._assistant_request(i, 0) for i in range(len(self.states))]
@@ -165,6 +168,27 @@ class Dialogues:
     def messages(self, i: int) -> list[Message]:
         return self.states[i].messages
 
+    def branch(self, i: int, prefix: int, seed_shift: int) -> Request:
+        """A new conversation from conversation i's first `prefix` messages (ending in a user turn), its gates
+        and token count there, every later turn sampled with seeds shifted by `seed_shift`; its first request."""
+        state = self.states[i]
+        turn = sum(m["role"] == "assistant" for m in state.messages[:prefix])
+        self.states.append(_State(state.seed, list(state.messages[:prefix]), state.spent[prefix - 1],
+                                  gates=[g for g in state.gates if g["turn"] < turn],
+                                  spent=state.spent[:prefix], seed_shift=seed_shift, origin=(i, prefix)))
+        return self._assistant_request(len(self.states) - 1, turn)
+
+    def is_branch(self, i: int) -> bool:
+        return i >= self.conversations
+
+    def branches(self) -> list[tuple[int, int, int]]:
+        """Every branch as (its index, the conversation it branches, its prefix length)."""
+        return [(j, *self.states[j].origin) for j in range(self.conversations, len(self.states))]
+
+    def row(self, i: int) -> dict:
+        """State i as a `conversations` row (a branch carries its conversation's id)."""
+        return self._row(self.states[i])
+
     def seed_id(self, i: int) -> str:
         return self.states[i].seed["seed_id"]
 
@@ -179,19 +203,20 @@ class Dialogues:
         return not state.live or (state.messages[-1]["role"] == "user" and turns == self.chat.max_turns - 1)
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pylist([self._row(s) for s in self.states], schema=CONVERSATIONS)
+        return pa.Table.from_pylist([self._row(s) for s in self.states[:self.conversations]], schema=CONVERSATIONS)
 
     def _assistant_request(self, i: int, turn: int) -> Request:
         state = self.states[i]
         budget = min(self.chat.max_tokens_per_turn, self.chat.token_budget - state.tokens)
-        return Request(("assistant", i, turn), list(state.messages), self.chat.sampling(budget, turn, role=0),
-                       "assistant")
+        sampling = self.chat.sampling(budget, turn, role=0, shift=state.seed_shift)
+        return Request(("assistant", i, turn), list(state.messages), sampling, "assistant")
 
     def _user_request(self, i: int, turn: int, attempt: int = 0) -> Request:
         state = self.states[i]
         budget = min(self.chat.simulator_max_tokens, self.chat.token_budget - state.tokens)
         prompt = simulator_prompt(state.seed.get("persona"), state.messages)
-        sampling = self.chat.sampling(budget, turn, role=1, stop=("\nASSISTANT:",), attempt=attempt)
+        sampling = self.chat.sampling(budget, turn, role=1, stop=("\nASSISTANT:",), attempt=attempt,
+                                      shift=state.seed_shift)
         return Request(("user", i, turn), prompt, sampling, "simulator")
 
     def _take_reply(self, state: _State, reply: Completion) -> None:
@@ -225,14 +250,15 @@ class Dialogues:
         elif state.tokens >= self.chat.token_budget:
             state.ended_by = "token_budget"
         else:
-            state.messages.append(Message(role="user", content=parsed.text))
+            state.add("user", parsed.text, 0)
         return False
 
     def _finish(self, state: _State) -> None:
         state.ended_by = state.ended_by or "max_turns"
-        self.finished += 1
-        if self.progress:
-            self.progress(self.finished, len(self.states))
+        if state.origin is None:
+            self.finished += 1
+            if self.progress:
+                self.progress(self.finished, self.conversations)
 
     def _row(self, state: _State) -> dict:
         seed_id = state.seed["seed_id"]
@@ -257,6 +283,9 @@ class _State:
     tokens: int = 0
     ended_by: str | None = None
     gates: list[dict] = field(default_factory=list)
+    spent: list[int] = field(default_factory=lambda: [0])  # tokens spent when each message was added
+    seed_shift: int = 0
+    origin: tuple[int, int] | None = None  # a branch's (conversation index, prefix length)
 
     @property
     def live(self) -> bool:
@@ -265,3 +294,4 @@ class _State:
     def add(self, role: str, content: str, num_tokens: int) -> None:
         self.messages.append(Message(role=role, content=content))
         self.tokens += num_tokens
+        self.spent.append(self.tokens)

@@ -284,6 +284,21 @@ class SPINSection(_Section):
     seed: int = Field(default=0, description="sampling seed of the policy's replies")
 
 
+class BranchingSection(_Section):
+    """Branched rollouts (REFUEL, with sources.refuel): a finished self-chat conversation's future resampled from
+    one of its turns, the two futures scored turn by turn with FLR."""
+
+    turns: Literal["uniform", "every"] = Field(default="uniform", description="where a conversation branches: one "
+                                                                              "assistant turn picked uniformly at "
+                                                                              "random (seeded per conversation), or "
+                                                                              "every assistant turn")
+    margin: float = Field(default=0.1, ge=0.0, description="two futures whose summed FLR rewards differ by less "
+                                                           "give no pair (a pair_rejects row)")
+    seed_offset: int = Field(default=100_003, ge=1, description="a branch samples every turn with the self-chat "
+                                                                "seed of that turn plus this offset")
+    seed: int = Field(default=0, description="seeds the choice of the branch turn (turns = uniform)")
+
+
 class RaySection(_Section):
     """The Ray actor pool of `backend = "ray"`: each actor holds the run's models."""
 
@@ -339,6 +354,7 @@ class PipelineConfig(_Section):
     irpo: IRPOSection = IRPOSection()
     step_dpo: StepDPOSection = StepDPOSection()
     spin: SPINSection = SPINSection()
+    branching: BranchingSection = BranchingSection()
     iteration: int = Field(default=0, ge=0, description="the round of an iterative method (SPIN/IRPO): recorded "
                                                         "in every pair with the policy model's identity")
     dataset: str = Field(default="pairs", pattern=r"^[a-z][a-z0-9_]{0,40}$", description="name of the pairs dataset")

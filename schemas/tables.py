@@ -78,6 +78,30 @@ CONVERSATIONS = _schema(
     ],
 )
 
+BRANCHES = _schema(
+    "branches",
+    [
+        ("branch_id", pa.string()),
+        ("conversation_id", pa.string()),
+        ("seed_id", pa.string()),
+        ("branch_turn", pa.int32()),
+        ("prefix_length", pa.int32()),
+        ("messages", MESSAGES),
+        ("num_turns", pa.int32()),
+        ("ended_by", pa.string()),
+        ("num_tokens", pa.int64()),
+        ("seed_offset", pa.int64()),
+        ("simulator_model", pa.string()),
+        ("assistant_model", pa.string()),
+        ("gates", pa.list_(GATE_EVENT)),
+        ("turn_rewards", pa.list_(pa.float64())),
+        ("future_reward", pa.float64()),
+        ("original_turn_rewards", pa.list_(pa.float64())),
+        ("original_future_reward", pa.float64()),
+        ("scorer_model", pa.string()),
+    ],
+)
+
 CANDIDATES = _schema(
     "candidates",
     [
@@ -274,8 +298,8 @@ QUARANTINE = _schema(
 
 SCHEMAS: dict[str, pa.Schema] = {
     s.metadata[b"prefmill.schema"].decode(): s
-    for s in (SEEDS, CONVERSATIONS, CANDIDATES, REWARDS, CRITIQUES, JUDGEMENTS, SOLUTIONS, PAIRS, PAIR_EMBEDDINGS,
-              PAIR_REJECTS, DEDUP_REMOVED, QUARANTINE)
+    for s in (SEEDS, CONVERSATIONS, BRANCHES, CANDIDATES, REWARDS, CRITIQUES, JUDGEMENTS, SOLUTIONS, PAIRS,
+              PAIR_EMBEDDINGS, PAIR_REJECTS, DEDUP_REMOVED, QUARANTINE)
 }
 
 

@@ -8,6 +8,7 @@ import json
 import pyarrow as pa
 
 from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.flows.stages.branching import BranchingStage
 from prefmill.flows.stages.critiques import CritiqueStage
 from prefmill.flows.stages.judge import JudgeStage
 from prefmill.flows.stages.reasoning import IRPOStage
@@ -19,8 +20,8 @@ from prefmill.operators.seeds import SeedFileError
 from prefmill.schemas.config import PipelineConfig
 from prefmill.schemas.tables import QUARANTINE
 
-STAGES: tuple[type[Stage], ...] = (RolloutStage, RewardStage, CritiqueStage, JudgeStage, IRPOStage, StepDPOStage,
-                                   SPINStage)
+STAGES: tuple[type[Stage], ...] = (RolloutStage, RewardStage, BranchingStage, CritiqueStage, JudgeStage, IRPOStage,
+                                   StepDPOStage, SPINStage)
 SHARD_INPUTS = ("seeds",)  # what every shard starts with
 
 __all__ = ["STAGES", "ModelRole", "Models", "Stage", "build_stages", "seed_quarantine"]

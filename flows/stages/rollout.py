@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.operators.branching import Branching
 from prefmill.operators.candidates import CandidateSampler
 from prefmill.operators.rollout import Rollout
 from prefmill.operators.selfchat import SelfChat
@@ -22,7 +23,11 @@ class RolloutStage(Stage):
     name = "rollout"
     label = "self-chat + candidates"
     consumes = ("seeds",)
-    produces = ("conversations", "candidates")
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        """Conversations and candidates, and their branches when branching is on (sources.refuel)."""
+        return ("conversations", "candidates", *(("branches",) if self.rollout.branching else ()))
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> RolloutStage | None:
@@ -30,7 +35,8 @@ class RolloutStage(Stage):
             return None
         models = cfg.models.resolved()
         rollout = Rollout(SelfChat(**settings(SelfChat, cfg.selfchat)),
-                          CandidateSampler(**settings(CandidateSampler, cfg.candidates)), cfg.candidates.contexts)
+                          CandidateSampler(**settings(CandidateSampler, cfg.candidates)), cfg.candidates.contexts,
+                          branching(cfg))
         return cls(rollout, models["assistant"], models["simulator"])
 
     def roles(self) -> dict[str, ModelRole]:
@@ -39,4 +45,10 @@ class RolloutStage(Stage):
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
         out = self.rollout(tables["seeds"].to_pylist(), models.chat_model(self.assistant),
                            models.chat_model(self.simulator))
-        return {"conversations": out.conversations, "candidates": out.candidates}
+        branches = {"branches": out.branches} if out.branches is not None else {}
+        return {"conversations": out.conversations, "candidates": out.candidates, **branches}
+
+
+def branching(cfg: PipelineConfig) -> Branching | None:
+    """The branching of `cfg.branching` when REFUEL is a source, else None (self-chat alone)."""
+    return Branching(**settings(Branching, cfg.branching)) if cfg.sources.refuel else None

@@ -1,0 +1,49 @@
+"""Branched-rollout pairs (REFUEL): every assistant turn of both futures of each branch scored with FLR, the
+summed future rewards compared, a pair or a reject row per branch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from prefmill.flows.stages.base import ModelRole, Models, Stage
+from prefmill.flows.stages.rewards import follow_up_reward
+from prefmill.operators.branching import BranchPairs, turn_items
+from prefmill.operators.flr import FollowUpReward
+from prefmill.schemas.config import PipelineConfig, settings
+
+
+@dataclass(frozen=True)
+class BranchingStage(Stage):
+    flr: FollowUpReward
+    pairing: BranchPairs
+    scorer: str
+
+    name = "refuel"
+    label = "branched rollouts (REFUEL)"
+    consumes = ("conversations", "branches")
+    produces = ("branches", "refuel_pairs", "refuel_rejects")
+    pair_tables = ("refuel_pairs", "refuel_rejects")
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> BranchingStage | None:
+        if not cfg.sources.refuel:
+            return None
+        pairing = BranchPairs(**settings(BranchPairs, cfg.branching))
+        return cls(follow_up_reward(cfg), pairing, cfg.models.resolved()["scorer"])
+
+    def roles(self) -> dict[str, ModelRole]:
+        return {"scorer": ModelRole(self.scorer, "scorer")}
+
+    def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
+        conversations = {row["conversation_id"]: row for row in tables["conversations"].to_pylist()}
+        branches = tables["branches"].to_pylist()
+        rewards = self.turn_rewards(turn_items(branches, conversations), models.scorer(self.scorer))
+        scored, pairs = self.pairing(branches, conversations, rewards, self.scorer)
+        return {"branches": scored, "refuel_pairs": pairs.pairs, "refuel_rejects": pairs.rejects}
+
+    def turn_rewards(self, items: list[dict], scorer) -> dict[str, float]:
+        """FLR of every scored turn, by its key."""
+        table = self.flr(items, scorer)
+        return dict(zip(table.column("candidate_id").to_pylist(), table.column("reward").to_pylist()))

@@ -1,0 +1,184 @@
+"""Branched multi-turn rollouts (REFUEL, Gao et al. 2024): two futures of one self-chat prefix, ranked by the
+sum of their per-turn rewards.
+
+When a self-chat conversation of H assistant turns ends, a turn h is picked (uniformly at random with an RNG
+seeded per conversation, or every turn) and the whole future from the shared prefix `messages[:prefix]` (which
+ends in the user turn before assistant turn h) is sampled again with shifted seeds, simulator and assistant
+both, through the same `Dialogues` (same gates, token budget and turn limit) and in the same request stream as
+self-chat. The original conversation is one trajectory and the branch the other. After every assistant turn
+of both futures is scored, a branch gives a pair (prompt = the shared prefix, chosen/rejected = the two
+continuations as message lists, with per-turn rewards and the future-reward difference), or a reject row with
+its reason: a future that a gate, the token budget or the context window ended early, or futures whose summed
+rewards differ by less than the margin.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from prefmill.operators.ids import stable_id
+from prefmill.operators.reasoning import Pairs
+from prefmill.operators.selfchat import Dialogues
+from prefmill.schemas.config import BranchingSection
+from prefmill.schemas.tables import BRANCHES
+from prefmill.serving.protocols import PROMPT_TOO_LONG, Request
+
+_DEFAULTS = BranchingSection()  # the config section holds every default: one definition
+TURN_CHOICES = ("uniform", "every")
+EARLY_ENDS = (PROMPT_TOO_LONG, "token_budget")  # and every "gate:…": a future cut short, not finished
+CONVERSATION_COLUMNS = ("conversation_id", "seed_id", "messages", "num_turns", "ended_by", "num_tokens",
+                        "simulator_model", "assistant_model", "gates")
+
+
+@dataclass(frozen=True)
+class Branching:
+    """Which turns of a finished conversation branch, with which seeds, and the `branches` rows."""
+
+    turns: str = _DEFAULTS.turns
+    seed_offset: int = _DEFAULTS.seed_offset
+    seed: int = _DEFAULTS.seed
+
+    def __post_init__(self):
+        if self.turns not in TURN_CHOICES:
+            raise ValueError(f"branching.turns must be one of {TURN_CHOICES}, got {self.turns!r}")
+
+    def branch_turns(self, conversation_id: str, num_turns: int) -> list[int]:
+        """The assistant turns (0-based) a conversation of `num_turns` assistant turns branches at."""
+        if self.turns == "every":
+            return list(range(num_turns))
+        rng = random.Random(f"{self.seed}:{conversation_id}")
+        return [rng.randrange(num_turns)] if num_turns else []
+
+    def requests(self, dialogues: Dialogues, i: int) -> list[Request]:
+        """The first requests of conversation i's branches (call once, when it has ended)."""
+        starts = assistant_positions(dialogues.messages(i))
+        picked = self.branch_turns(dialogues.conversation_id(i), len(starts))
+        return [dialogues.branch(i, starts[h], self.seed_offset) for h in picked]
+
+    def table(self, dialogues: Dialogues) -> pa.Table:
+        """Every branch of the run as a `branches` row, by conversation and turn whatever order they finished in
+        (rewards are filled in by the branching stage)."""
+        starts = sorted(dialogues.branches(), key=lambda b: b[1:])
+        return pa.Table.from_pylist([self._row(dialogues, *b) for b in starts], schema=BRANCHES)
+
+    def _row(self, dialogues: Dialogues, j: int, i: int, prefix: int) -> dict:
+        row = dialogues.row(j)
+        turn = sum(m["role"] == "assistant" for m in row["messages"][:prefix])
+        return {**{name: row[name] for name in CONVERSATION_COLUMNS}, "branch_turn": turn, "prefix_length": prefix,
+                "branch_id": stable_id("branch", row["conversation_id"], turn, self.seed_offset),
+                "seed_offset": self.seed_offset}
+
+
+def assistant_positions(messages: list[dict]) -> list[int]:
+    """Where each assistant turn sits in `messages`: the prefix before one ends in its user turn."""
+    return [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One future of a branch point: its id (conversation or branch), messages and how it ended."""
+
+    id: str
+    messages: list[dict]
+    ended_by: str
+
+    def turn_keys(self, prefix: int) -> list[str]:
+        """Score keys of its assistant turns from `prefix` on."""
+        return [f"{self.id}#{k}" for k in assistant_positions(self.messages) if k >= prefix]
+
+
+def trajectories(branch: dict, conversations: dict[str, dict]) -> tuple[Trajectory, Trajectory]:
+    """The branch's conversation and the branch itself, as the two trajectories of its branch point."""
+    original = conversations[branch["conversation_id"]]
+    return (Trajectory(original["conversation_id"], original["messages"], original["ended_by"]),
+            Trajectory(branch["branch_id"], branch["messages"], branch["ended_by"]))
+
+
+def turn_items(branches: list[dict], conversations: dict[str, dict]) -> list[dict]:
+    """Every assistant turn of both futures of every branch as a candidate-like row (context = the messages
+    before it, reply = the turn) for FLR, each turn once, keyed `candidate_id` = "<trajectory id>#<index>"."""
+    items: dict[str, dict] = {}
+    for branch in branches:
+        for path in trajectories(branch, conversations):
+            for key in path.turn_keys(branch["prefix_length"]):
+                k = int(key.rsplit("#", 1)[1])
+                items[key] = {"candidate_id": key, "context_id": path.id, "context": path.messages[:k],
+                              "reply": path.messages[k]["content"]}
+    return list(items.values())
+
+
+@dataclass(frozen=True)
+class BranchPairs:
+    """`__call__(branches, conversations, rewards, scorer)` → (branches with their rewards, `Pairs`): the
+    higher-rewarded future chosen over the other."""
+
+    margin: float = _DEFAULTS.margin
+
+    def __call__(self, branches: list[dict], conversations: dict[str, dict], rewards: dict[str, float],
+                 scorer: str) -> tuple[pa.Table, Pairs]:
+        scored = [self._scored(b, conversations, rewards, scorer) for b in branches]
+        pairs, rejects = [], []
+        for branch in scored:
+            problem = self._problem(branch, conversations[branch["conversation_id"]])
+            if problem:
+                rejects.append(_reject(branch, *problem))
+            else:
+                pairs.append(self._pair(branch, conversations[branch["conversation_id"]], scorer))
+        return pa.Table.from_pylist(scored, schema=BRANCHES), Pairs.of(pairs, rejects)
+
+    @staticmethod
+    def _scored(branch: dict, conversations: dict[str, dict], rewards: dict[str, float], scorer: str) -> dict:
+        original, own = trajectories(branch, conversations)
+        ours = [rewards[k] for k in own.turn_keys(branch["prefix_length"])]
+        theirs = [rewards[k] for k in original.turn_keys(branch["prefix_length"])]
+        return {**branch, "turn_rewards": ours, "future_reward": sum(ours), "original_turn_rewards": theirs,
+                "original_future_reward": sum(theirs), "scorer_model": scorer}
+
+    def _problem(self, branch: dict, original: dict) -> tuple[str, str] | None:
+        for name, row in (("branch", branch), ("original conversation", original)):
+            reason = early_end(row["ended_by"])
+            if reason:
+                return reason, f"the {name}'s future was cut short ({row['ended_by']}), so its summed reward " \
+                               f"does not cover a whole future"
+        diff = abs(branch["future_reward"] - branch["original_future_reward"])
+        if diff < self.margin or diff == 0:
+            return ("tie" if diff == 0 else "under_margin"), f"the futures' rewards differ by {diff:.4f}, under " \
+                                                             f"branching.margin = {self.margin}"
+        return None
+
+    @staticmethod
+    def _pair(branch: dict, original: dict, scorer: str) -> dict:
+        prefix = branch["prefix_length"]
+        sides = [(branch["branch_id"], branch["messages"], branch["turn_rewards"], branch["future_reward"]),
+                 (original["conversation_id"], original["messages"], branch["original_turn_rewards"],
+                  branch["original_future_reward"])]
+        chosen, rejected = sorted(sides, key=lambda side: side[3], reverse=True)
+        prompt = list(branch["messages"][:prefix])
+        return {"pair_id": stable_id("pair", "refuel", branch["branch_id"], chosen[0], rejected[0]),
+                "prompt_id": stable_id("prompt", prompt), "prompt": prompt,
+                "chosen": chosen[1][prefix:], "rejected": rejected[1][prefix:],
+                "chosen_candidate_id": chosen[0], "rejected_candidate_id": rejected[0],
+                "score_chosen": chosen[3], "score_rejected": rejected[3], "chosen_reward": chosen[3],
+                "rejected_reward": rejected[3], "margin": chosen[3] - rejected[3], "num_candidates": 2,
+                "strategy": "refuel", "conversation_id": original["conversation_id"], "seed_id": branch["seed_id"],
+                "policy_model": original["assistant_model"], "scorer_model": scorer, "source": "refuel",
+                "branch_turn": branch["branch_turn"], "chosen_turn_rewards": chosen[2],
+                "rejected_turn_rewards": rejected[2], "future_reward_diff": chosen[3] - rejected[3]}
+
+
+def early_end(ended_by: str) -> str | None:
+    """The reject reason of a future that ended before it finished (a gate, the token budget, the context
+    window); None for one that ran to max_turns or that the simulated user ended."""
+    if ended_by.startswith("gate:"):
+        return "gate"
+    return ended_by if ended_by in EARLY_ENDS else None
+
+
+def _reject(branch: dict, reason: str, detail: str) -> dict:
+    prompt = list(branch["messages"][:branch["prefix_length"]])
+    return {"prompt_id": stable_id("prompt", prompt), "candidate_id": branch["branch_id"],
+            "seed_id": branch["seed_id"], "reason": reason, "detail": detail, "num_candidates": 2,
+            "best_margin": abs(branch["future_reward"] - branch["original_future_reward"]), "source": "refuel"}
