@@ -167,3 +167,26 @@ def test_refuel_adds_its_stage_and_the_branches_table_only_when_on():
     assert "branches" in stages_on[0].produces and "branches" not in stages_off[0].produces
     assert [s.name for s in stages_off] == ["rollout", "rewards"]
     assert stages_on[0].fingerprint() != stages_off[0].fingerprint()
+
+
+def test_multi_turn_pairs_survive_dedup_keys_and_render_through_trl(model_path):
+    """Dedup compares the whole continuation; the TRL export keeps it, and trl's chat template renders the
+    chosen side as every later turn (user turns included) after the prompt's generation prompt."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import maybe_apply_chat_template
+
+    from prefmill.flows.training import trl_table
+    from prefmill.operators.dedup import dedup_key, reply_text
+
+    pairs = refuel(rollout(varied), margin=0.5)["refuel_pairs"]
+    pair = pairs.to_pylist()[0]
+    assert reply_text(pair) == "\n".join(m["content"] for m in pair["chosen"])
+    later = {**pair, "chosen": pair["chosen"][:-1] + [{"role": "assistant", "content": "another last turn"}]}
+    assert dedup_key(later) != dedup_key(pair)  # every turn of the continuation counts, not only the first
+    [row] = [r for r in trl_table(pairs).to_pylist() if r["pair_id"] == pair["pair_id"]]
+    assert (row["prompt"], row["chosen"]) == (pair["prompt"], pair["chosen"]) and len(row["chosen"]) > 1
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rendered = maybe_apply_chat_template({k: row[k] for k in ("prompt", "chosen", "rejected")}, tokenizer)
+    whole = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    assert rendered["prompt"] + rendered["chosen"] == whole
+    assert all(m["content"] in rendered["chosen"] for m in row["chosen"])
