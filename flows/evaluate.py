@@ -169,7 +169,7 @@ def model_parts(cfg: PipelineConfig, pairs: list[LabelledPair]) -> dict[str, Any
     has_documents = bool(cfg.critiques.documents) or any(p.documents for p in pairs)
     index = DocumentIndex(load_documents(cfg.critiques.documents)) if cfg.critiques.documents else None
     critic = ClaimCritic(**settings(ClaimCritic, cfg.critiques) | {"rounds": 0})
-    judge = RubricJudge(load_rubrics(cfg.judge.rubrics), **settings(RubricJudge, cfg.judge))
+    judge = RubricJudge(load_rubrics(cfg.judge.rubric_file), **settings(RubricJudge, cfg.judge))
     return {"flr": FLRPart(follow_up_reward(cfg), models["scorer"]),
             "factuality": FactualityPart(critic, models["critic"], index) if has_documents else
             "skipped: no documents to check claims against (give lines a 'documents' list or set critiques.documents)",
@@ -285,15 +285,20 @@ def runnable_miner(miner: PairMiner, values: dict[str, Values | str]) -> tuple[P
     return replace(miner, **{f"{p}_weight": 0.0 for p in dropped}), dropped
 
 
-def evaluate_pairs(cfg: PipelineConfig, pairs: list[LabelledPair], pool: Any,
-                   progress: Progress | None = None, boot: int = 2000, seed: int = 0) -> dict:
-    """Score `pairs` with the models of `pool` (a run's pool: `run(step, rows)`) and report the agreement."""
+def score_labelled(cfg: PipelineConfig, pairs: list[LabelledPair], pool: Any, progress: Progress | None = None
+                   ) -> dict[str, Values | str]:
+    """Every part's values over the distinct replies of `pairs`, on the models of `pool` (`run(step, rows)`)."""
     def run(step: Any, rows: list[dict]) -> Values:
         return pool.run(step, rows).value
 
-    values = score_parts(model_parts(cfg, pairs), candidates(pairs), run, progress or (lambda *_: None))
-    miner = PairMiner(**settings(PairMiner, cfg.pairs))
-    return report(pairs, values, miner, boot, seed)
+    return score_parts(model_parts(cfg, pairs), candidates(pairs), run, progress or (lambda *_: None))
+
+
+def evaluate_pairs(cfg: PipelineConfig, pairs: list[LabelledPair], pool: Any,
+                   progress: Progress | None = None, boot: int = 2000, seed: int = 0) -> dict:
+    """Score `pairs` with the models of `pool` and report each part's agreement with the human labels."""
+    values = score_labelled(cfg, pairs, pool, progress)
+    return report(pairs, values, PairMiner(**settings(PairMiner, cfg.pairs)), boot, seed)
 
 
 def evaluate_file(path: Path, cfg: PipelineConfig, progress: Progress | None = None, boot: int = 2000,

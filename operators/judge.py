@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from prefmill.operators.critiques import Parsed, parse_json, parse_output
-from prefmill.schemas.config import JudgeSection
+from prefmill.schemas.config import ConfigError, JudgeSection
 from prefmill.schemas.tables import JUDGEMENTS
 from prefmill.serving.protocols import PROMPT_TOO_LONG, Conversation, LanguageModel, Message, Sampling
 
@@ -27,7 +27,7 @@ SCORES = range(1, 6)
 RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in SCORES))
 # the feedback is bounded: a small model at temperature 0 can loop inside a string until max_tokens cuts it
 JUDGE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["feedback", "score"],
-                "properties": {"feedback": {"type": "string", "maxLength": 600},
+                "properties": {"feedback": {"type": "string", "maxLength": 400},
                                "score": {"type": "integer", "enum": list(SCORES)}}}
 SYSTEM = ("You are a fair judge assistant tasked with providing clear, objective feedback based on a specific "
           "criteria, ensuring each assessment reflects the absolute standards set for performance.")
@@ -86,8 +86,9 @@ DEFAULT_RUBRICS = {
 }
 
 
-class RubricFileError(ValueError):
-    """A rubric file that cannot be read or has a bad key: the message names the file and the key."""
+class RubricFileError(ConfigError):
+    """A rubric file that cannot be read or has a bad key: the message names the file and the key (a config
+    error: the file is part of the config)."""
 
 
 def load_rubrics(path: str | Path | None) -> dict[str, Rubric]:
@@ -166,7 +167,7 @@ class RubricJudge:
         unknown = [a for a in self.aspects if a not in self.rubrics]
         if unknown:
             raise RubricFileError(f"judge.aspects: no rubric for {unknown}; known: {sorted(self.rubrics)} (add it "
-                                  "to the judge.rubrics file)")
+                                  "to the judge.rubric_file)")
 
     def __call__(self, candidates: list[dict], lm: LanguageModel, references: dict[str, str] | None = None
                  ) -> pa.Table:

@@ -170,9 +170,9 @@ class JudgeSection(_Section):
 
     enabled: bool = Field(default=False, description="true: models.judge grades every self-chat candidate (critique "
                                                      "revisions included) into the judgements table")
-    rubrics: str | None = Field(default=None, description="JSON or TOML file of rubrics ({aspect: {criteria, "
-                                                          "score1_description … score5_description}}) that "
-                                                          "override or add to the built-in ones")
+    rubric_file: str | None = Field(default=None, description="JSON or TOML file of rubrics ({aspect: {criteria, "
+                                                              "score1_description … score5_description}}) that "
+                                                              "override or add to the built-in ones")
     aspects: list[str] = Field(default=list(JUDGE_ASPECTS), min_length=1, description="rubrics each reply is "
                                                                                       "graded on (built-in: "
                                                                                       "helpfulness, harmlessness, "

@@ -8,7 +8,9 @@ import json
 
 import pyarrow as pa
 import pytest
+from rich.console import Console
 
+from prefmill.flows.cli import agreement_table
 from prefmill.flows.evaluate import (
     LabelledFileError,
     LabelledPair,
@@ -19,6 +21,7 @@ from prefmill.flows.evaluate import (
     report,
     score_parts,
 )
+from prefmill.flows.stages.judge import JudgeStage
 from prefmill.operators.judge import (
     DEFAULT_RUBRICS,
     JUDGE_SCHEMA,
@@ -102,6 +105,10 @@ def test_a_rubric_file_overrides_and_adds_rubrics_and_a_bad_key_names_the_file_a
     good.write_text("[helpfulness]\n" + "".join(f'{k} = "{v}"\n' for k, v in rubric.items()))
     assert load_rubrics(good)["helpfulness"].criteria == "Is it brief?"
     assert load_rubrics(good)["honesty"] == DEFAULT_RUBRICS["honesty"]
+    cfg = load_pipeline_config(None, ["judge.enabled=true", f"judge.rubric_file={good}", "judge.aspects=['honesty']"])
+    stage = JudgeStage.from_config(cfg)
+    assert stage.judge.rubrics["helpfulness"].criteria == "Is it brief?" and list(stage.judge.aspects) == ["honesty"]
+    assert JudgeStage.from_config(load_pipeline_config(None, [])) is None  # off by default
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"brevity": rubric}))
     assert "Score 5: level 5" in load_rubrics(extra)["brevity"].text()
@@ -197,6 +204,10 @@ def test_evaluate_reports_agreement_ties_missing_intervals_and_the_longer_reply_
     longer = parts["longer"]
     assert (longer["agree"], longer["disagree"], longer["ties"]) == (2, 1, 1)
     assert agreement(pairs[2:3], ["agree"])["boot_low"] is None  # one prompt each: Wilson only
+    printed = Console(width=200, record=True)
+    printed.print(agreement_table(result))
+    text = printed.export_text()
+    assert "0.750" in text and "bootstrap" in text and "skipped: no documents" in text and "longer" in text
 
 
 def test_score_parts_runs_each_part_in_chunks_with_progress_and_passes_skipped_parts_through():

@@ -26,7 +26,7 @@ class JudgeStage(Stage):
     def from_config(cls, cfg: PipelineConfig) -> JudgeStage | None:
         if not (cfg.judge.enabled and cfg.sources.selfchat):
             return None
-        judge = RubricJudge(load_rubrics(cfg.judge.rubrics), **settings(RubricJudge, cfg.judge))
+        judge = RubricJudge(load_rubrics(cfg.judge.rubric_file), **settings(RubricJudge, cfg.judge))
         return cls(judge, cfg.models.resolved()["judge"])
 
     def roles(self) -> dict[str, ModelRole]:
