@@ -35,11 +35,11 @@ def plan_for(cfg: PipelineConfig, devices: str | None = None, stages: list[Stage
 
 
 def run_roles(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[Role]:
-    """Every model role of the stages `cfg` turns on (chat roles left out on backend http: the server holds
-    them), then the embedder; a role named twice with one spec is listed once."""
+    """Every model role of the stages `cfg` turns on (chat roles left out on backend http, and one with a
+    `url`: a server holds them), then the embedder; a role named twice with one spec is listed once."""
     roles = [Role(name, role.spec, role.kind) for stage in stages or build_stages(cfg)
              for name, role in stage.roles().items()
-             if not (cfg.backend == "http" and role.kind == "chat")]
+             if not ((cfg.backend == "http" and role.kind == "chat") or role.url)]
     return list(dict.fromkeys(roles)) + [Role("embedder", cfg.models.embedder, "embedder")]
 
 

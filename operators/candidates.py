@@ -4,7 +4,8 @@ Sample k of a context uses seed `seed + k` (vLLM gives each of the n samples of 
 own seed this way), recorded per row. Replies identical to an earlier sample of the same context
 (after whitespace and case folding) are flagged `is_duplicate`. A context that does not fit the model's
 context window with `max_tokens` gets its n rows all the same: empty replies finished `PROMPT_TOO_LONG`, so
-the context is on record and pair mining rejects it with that reason.
+the context is on record and pair mining rejects it with that reason. An optional teacher (DNO) adds one
+reply per context from another model, flagged `is_teacher`, which pair mining ranks like any other.
 """
 
 from __future__ import annotations
@@ -65,11 +66,25 @@ class CandidateSampler:
         return Sampling(n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
                         seed=self.seed)
 
+    @property
+    def teacher_sampling(self) -> Sampling:
+        """The teacher's one reply per context: the candidates' sampling, with the seed after the policy's n."""
+        return Sampling(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                        seed=self.seed + self.n)
+
+    def teacher_row(self, ctx: dict, reply: Completion, model: str, policy_replies: list[str]) -> dict:
+        """The `candidates` row of the teacher's reply to a context (DNO), flagged `is_teacher`; a copy of one of
+        the policy's replies is flagged `is_duplicate`."""
+        duplicate = _fold(reply.text) in {_fold(text) for text in policy_replies}
+        row = self._row(ctx, self.n, reply, duplicate and reply.finish_reason != PROMPT_TOO_LONG, model)
+        return row | {"candidate_id": stable_id("teacher", ctx["context_id"], asdict(self), model),
+                      "is_teacher": True}
+
     def rows(self, ctx: dict, samples: list[Completion], model: str) -> list[dict]:
         """The `candidates` rows of one context's samples, later copies of a reply flagged."""
         rows, seen = [], set()
         for k, reply in enumerate(samples):
-            key = " ".join(reply.text.split()).casefold()
+            key = _fold(reply.text)
             rows.append(self._row(ctx, k, reply, key in seen and reply.finish_reason != PROMPT_TOO_LONG, model))
             seen.add(key)
         return rows
@@ -82,3 +97,7 @@ class CandidateSampler:
             "num_tokens": reply.num_tokens, "finish_reason": reply.finish_reason, "is_duplicate": duplicate,
             "model": model, "is_teacher": False,
         }
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split()).casefold()

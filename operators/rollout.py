@@ -43,9 +43,9 @@ class Rollout:
             raise ValueError(f"contexts must be 'all' or 'last', got {self.contexts!r}")
 
     def __call__(self, seeds: list[dict], assistant: LanguageModel, simulator: LanguageModel | None = None,
-                 progress: Progress | None = None) -> RolloutTables:
+                 progress: Progress | None = None, teacher: LanguageModel | None = None) -> RolloutTables:
         """Conversations (one per seed) and the candidates of their contexts; candidates come from the
-        assistant model."""
+        assistant model, plus one per context from the `teacher` when there is one."""
         simulator = simulator or assistant
         dialogues = Dialogues(self.selfchat, seeds, progress, (assistant.name, simulator.name))
         asked: set[tuple[int, int]] = set()
@@ -61,6 +61,8 @@ class Rollout:
         first = dialogues.first_requests()
         first += [r for i in range(len(seeds)) for r in self._candidate_requests(dialogues, i, asked)]
         run_requests({"assistant": assistant, "simulator": simulator}, first, on_done)
+        if teacher is not None:
+            self._add_teacher(dialogues, rows, teacher)
         candidates = [row for key in sorted(rows) for row in rows[key]]
         return RolloutTables(dialogues.table(),
                              pa.Table.from_pylist(candidates, schema=CANDIDATES), self._branches(dialogues))
@@ -74,6 +76,17 @@ class Rollout:
             if (i, end) not in asked:
                 asked.add((i, end))
                 yield Request(("candidates", i, end), list(messages[: end + 1]), self.sampler.sampling, "assistant")
+
+    def _add_teacher(self, dialogues: Dialogues, rows: dict[tuple[int, int], list[dict]], teacher: LanguageModel
+                     ) -> None:
+        """The teacher's reply to every context, in one batch after self-chat: it is another model (often a
+        server), whose requests would break the assistant's single request stream into waves."""
+        keys = sorted(rows)
+        contexts = [self._context(dialogues, i, end) for i, end in keys]
+        replies = teacher.chat([ctx["context"] for ctx in contexts], self.sampler.teacher_sampling) if keys else []
+        for key, ctx, [reply] in zip(keys, contexts, replies, strict=True):
+            policy = [row["reply"] for row in rows[key]]
+            rows[key].append(self.sampler.teacher_row(ctx, reply, teacher.name, policy))
 
     @staticmethod
     def _context(dialogues: Dialogues, i: int, end: int) -> dict:

@@ -94,8 +94,19 @@ class ModelsSection(_Section):
                                                        "judge); None: the assistant")
     teacher: str | None = Field(default=None, description="adds one reply per context to the candidates, flagged "
                                                          "is_teacher (DNO); None: no teacher")
+    teacher_url: str | None = Field(default=None, description="an OpenAI-compatible server (e.g. `prefmill serve`) "
+                                                             "that serves the teacher under its spec, while the "
+                                                             "other models run on the run's backend; None: the "
+                                                             "teacher runs like the other models")
     embedder: str = Field(default="all-minilm-l6-v2", description="sentence-transformers model for dedup (the "
                                                                   "packaged all-MiniLM-L6-v2, a folder or a hub id)")
+
+    @model_validator(mode="after")
+    def _teacher_url_needs_teacher(self) -> ModelsSection:
+        if self.teacher_url and not self.teacher:
+            raise ValueError("models.teacher_url is set but models.teacher is not: name the model the server "
+                             "serves, e.g. models.teacher = 'org/bigger-model'")
+        return self
 
     def resolved(self) -> dict[str, str]:
         """Every role's model spec, defaults filled in (the teacher only when there is one)."""
@@ -406,7 +417,8 @@ class PipelineConfig(_Section):
 
 
 _PLACEMENT = {"backend", "url", "ray", "placement", "catalog", "result_storage", "run_id"}
-_NOT_HASHED = {key: True for key in _PLACEMENT} | {"flr": {"prefix_batch"}}  # where and how fast, not what
+_NOT_HASHED = ({key: True for key in _PLACEMENT}  # where and how fast, not what
+               | {"flr": {"prefix_batch"}, "models": {"teacher_url"}})
 
 
 def load_pipeline_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:

@@ -114,13 +114,24 @@ class ModelHost:
         self.meter = Meter()
         self._lock = threading.Lock()  # opening models
         self._models: dict[str, LanguageModel] = dict(preloaded or {})
+        self._clients: dict[tuple[str, str], LanguageModel] = {}  # (spec, url) → a client of another server
         self._owned: list[Any] = []
         self._scorers: dict[str, tuple[ContinuationScorer, ContextManager]] = {}
 
-    def chat_model(self, spec: str, meter: Meter | None = None) -> LanguageModel:
+    def chat_model(self, spec: str, meter: Meter | None = None, url: str | None = None) -> LanguageModel:
+        """The chat model of `spec`: this host's (engine or its server's client), or a client of the server at
+        `url` when given (a teacher served elsewhere, even under the same spec as one of ours)."""
         with self._lock:
-            model = self._model(spec)
+            model = self._remote(spec, url) if url else self._model(spec)
         return MeteredModel(model, meter or self.meter)
+
+    def _remote(self, spec: str, url: str) -> LanguageModel:
+        """A client of the server at `url` serving `spec`, opened on first use (the caller holds `_lock`)."""
+        from prefmill.serving.factory import open_model
+
+        if (spec, url) not in self._clients:
+            self._clients[spec, url] = open_model(spec, "http", url=url)
+        return self._clients[spec, url]
 
     def _model(self, spec: str) -> LanguageModel:
         """The model of `spec`, opened on first use (the caller holds `_lock`)."""
@@ -177,6 +188,7 @@ class ModelHost:
             self._models = {spec: m for spec, m in self._models.items() if id(m) not in owned}
             self._owned.clear()
             self._scorers.clear()  # a closed host keeps no model's memory alive for whoever still holds it
+            self._clients.clear()
 
 
 @dataclass
@@ -186,14 +198,14 @@ class HostSession:
 
     host: ModelHost
     meter: Meter
-    _chat: dict[str, LanguageModel] = field(default_factory=dict, repr=False)
+    _chat: dict[tuple[str, str | None], LanguageModel] = field(default_factory=dict, repr=False)
 
-    def chat_model(self, spec: str) -> LanguageModel:
-        """One wrapper per spec: a step asking twice for the same model (assistant and simulator) must get
-        the same object, or `run_requests` sees two models and falls back from one stream to waves."""
-        if spec not in self._chat:
-            self._chat[spec] = self.host.chat_model(spec, self.meter)
-        return self._chat[spec]
+    def chat_model(self, spec: str, url: str | None = None) -> LanguageModel:
+        """One wrapper per (spec, server): a step asking twice for the same model (assistant and simulator) must
+        get the same object, or `run_requests` sees two models and falls back from one stream to waves."""
+        if (spec, url) not in self._chat:
+            self._chat[spec, url] = self.host.chat_model(spec, self.meter, url)
+        return self._chat[spec, url]
 
     def scorer(self, spec: str) -> ContinuationScorer:
         return self.host.scorer(spec, self.meter)

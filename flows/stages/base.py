@@ -10,7 +10,7 @@ A stage is a small frozen dataclass holding its operators' configuration, with
 - `seed_fields`: the seed fields it needs (a run where no seed has them fails before any model loads; a seed
   without them is quarantined for this stage, which skips it), and `pair_tables`: the names of the pairs and
   reject tables it produces (a pair source's output joins the one pairs dataset, with its `source`);
-- `__call__(tables, models)`: the work, where `models` gives `chat_model(spec)` and `scorer(spec)`.
+- `__call__(tables, models)`: the work, where `models` gives `chat_model(spec, url=None)` and `scorer(spec)`.
 Its `fingerprint()` hashes its configuration and the source of every repository module its code imports,
 transitively, plus the serving code behind its model roles, so a changed algorithm is never served from a
 stored result.
@@ -38,16 +38,18 @@ ROLE_MODULES = {"chat": ("prefmill.serving.engine", "prefmill.serving.http_clien
 
 @dataclass(frozen=True)
 class ModelRole:
-    """A model a stage needs: its spec and how it is used (`chat`: a vLLM engine; `scorer`: FLR scoring)."""
+    """A model a stage needs: its spec, how it is used (`chat`: a vLLM engine; `scorer`: FLR scoring) and,
+    for a chat model served elsewhere, the server's `url`."""
 
     spec: str
     kind: Literal["chat", "scorer"] = "chat"
+    url: str | None = None  # a chat model served by this OpenAI-compatible server, not placed on our devices
 
 
 class Models(Protocol):
     """What a stage sees of the models of its process (a `serving.hosts.HostSession`)."""
 
-    def chat_model(self, spec: str) -> Any: ...
+    def chat_model(self, spec: str, url: str | None = None) -> Any: ...
 
     def scorer(self, spec: str) -> Any: ...
 

@@ -1,8 +1,9 @@
-"""Self-chat and candidate replies for a shard of seeds, as one request stream on the assistant's engine."""
+"""Self-chat and candidate replies for a shard of seeds, as one request stream on the assistant's engine, and
+the teacher's reply to each context when the run has one (DNO)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -19,6 +20,8 @@ class RolloutStage(Stage):
     rollout: Rollout
     assistant: str
     simulator: str
+    teacher: str | None = None
+    teacher_url: str | None = field(default=None, repr=False)  # where, not what: not part of the fingerprint
 
     name = "rollout"
     label = "self-chat + candidates"
@@ -37,14 +40,16 @@ class RolloutStage(Stage):
         rollout = Rollout(SelfChat(**settings(SelfChat, cfg.selfchat)),
                           CandidateSampler(**settings(CandidateSampler, cfg.candidates)), cfg.candidates.contexts,
                           branching(cfg))
-        return cls(rollout, models["assistant"], models["simulator"])
+        return cls(rollout, models["assistant"], models["simulator"], models.get("teacher"), cfg.models.teacher_url)
 
     def roles(self) -> dict[str, ModelRole]:
-        return {"assistant": ModelRole(self.assistant), "simulator": ModelRole(self.simulator)}
+        teacher = {"teacher": ModelRole(self.teacher, url=self.teacher_url)} if self.teacher else {}
+        return {"assistant": ModelRole(self.assistant), "simulator": ModelRole(self.simulator), **teacher}
 
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
+        teacher = models.chat_model(self.teacher, self.teacher_url) if self.teacher else None
         out = self.rollout(tables["seeds"].to_pylist(), models.chat_model(self.assistant),
-                           models.chat_model(self.simulator))
+                           models.chat_model(self.simulator), teacher=teacher)
         branches = {"branches": out.branches} if out.branches is not None else {}
         return {"conversations": out.conversations, "candidates": out.candidates, **branches}
 
