@@ -40,7 +40,7 @@ configure_environment(verbose=False)
 
 from bench.instant_model import InstantHost  # noqa: E402
 from bench.selfchat import CountingLM, raw_generate  # noqa: E402
-from prefmill.flows.pipeline import pipeline_flow, run_seeds, shard_seeds  # noqa: E402
+from prefmill.flows.pipeline import pipeline_flow, run_seeds, shard_seeds, shard_size  # noqa: E402
 from prefmill.flows.report import stage_rows  # noqa: E402
 from prefmill.flows.results import busy_seconds  # noqa: E402
 from prefmill.flows.stages import build_stages  # noqa: E402
@@ -129,10 +129,11 @@ def orchestration(cfg) -> dict:
     direct, seeds = direct_seconds(cfg, pool), result.tables["seeds"].num_rows
     tasks = sum(s.shards for s in result.stages.values())
     inside = result.wall_seconds - tail - direct
-    print(f"{seeds} seeds, shard_size {cfg.shard_size}: {tasks} stage tasks; flow call {flow_call:.1f} s, inside "
+    size = shard_size(cfg, seeds)
+    print(f"{seeds} seeds, shard_size {size}: {tasks} stage tasks; flow call {flow_call:.1f} s, inside "
           f"the flow {result.wall_seconds:.1f} s (pairs, dedup, publish {tail:.1f} s), steps called directly "
           f"{direct:.1f} s")
-    return {"seeds": seeds, "shard_size": cfg.shard_size, "stage_tasks": tasks, "flow_call_s": round(flow_call, 2),
+    return {"seeds": seeds, "shard_size": size, "stage_tasks": tasks, "flow_call_s": round(flow_call, 2),
             "flow_wall_s": round(result.wall_seconds, 2), "pairs_dedup_publish_s": round(tail, 2),
             "direct_steps_s": round(direct, 2), "orchestration_s": round(inside, 2),
             "orchestration_s_per_1k_seeds": round(inside / seeds * 1000, 2),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -215,7 +216,22 @@ def run_seeds(cfg: PipelineConfig, seeds: pa.Table) -> pa.Table:
 
 
 def shard_seeds(cfg: PipelineConfig, seeds: pa.Table) -> list[Shard]:
-    return [Shard(seeds.slice(i, cfg.shard_size)) for i in range(0, seeds.num_rows, cfg.shard_size)]
+    size = shard_size(cfg, seeds.num_rows)
+    return [Shard(seeds.slice(i, size)) for i in range(0, seeds.num_rows, size)]
+
+
+AUTO_SHARD_SIZES = (4, 64)  # at 64 seeds a shard, a stage task's ~18 ms is < 2 ms a seed (docs/benchmarks.md)
+SHARDS_PER_ACTOR = 4  # enough for a slow shard not to idle an actor
+
+
+def shard_size(cfg: PipelineConfig, seeds: int) -> int:
+    """`cfg.shard_size`, or for `auto` the run's seeds split into `SHARDS_PER_ACTOR` shards per actor, within
+    `AUTO_SHARD_SIZES`: small runs keep small shards (fine-grained resume), big ones few tasks."""
+    if cfg.shard_size != "auto":
+        return cfg.shard_size
+    actors = cfg.ray.actors if cfg.backend == "ray" else 1
+    smallest, largest = AUTO_SHARD_SIZES
+    return max(smallest, min(largest, math.ceil(seeds / (SHARDS_PER_ACTOR * actors))))
 
 
 def run_id(cfg: PipelineConfig, seeds: pa.Table, run_key: str) -> str:

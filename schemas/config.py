@@ -11,7 +11,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -369,7 +369,10 @@ class PipelineConfig(_Section):
     iteration: int = Field(default=0, ge=0, description="the round of an iterative method (SPIN/IRPO): recorded "
                                                         "in every pair with the policy model's identity")
     dataset: str = Field(default="pairs", pattern=r"^[a-z][a-z0-9_]{0,40}$", description="name of the pairs dataset")
-    shard_size: int = Field(default=4, ge=1, description="seeds per shard (the unit of fan-out and resume)")
+    shard_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description="seeds per shard (the unit of fan-out and resume); auto: 4 for small runs, "
+                                    "growing with the seeds up to 64 while every actor keeps 4 shards to balance "
+                                    "(each stage task costs ~18 ms of orchestration: see the benchmarks page)")
     backend: Literal["engine", "ray", "http"] = Field(default="engine", description="where the model work runs: "
                                                                                    "engine in process, ray on Ray "
                                                                                    "actors, http on a server at url")
@@ -440,7 +443,21 @@ def validate_pipeline_config(data: dict) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in exc.errors())) from None
+        raise ConfigError("invalid config:\n" + "\n".join(_lines(exc.errors()))) from None
+
+
+_UNION_MEMBERS = {"int", "str", "float", "bool", "none"}  # besides tags such as constrained-int, literal['auto']
+
+
+def _lines(errors: list[dict]) -> list[str]:
+    """One line per bad key: pydantic's union-member tags leave the key, and what each member of a union
+    (`int | "auto"`) asks for is said on that one line."""
+    by_key: dict[tuple, list[dict]] = {}
+    for error in errors:
+        loc = tuple(p for p in error["loc"] if not (set("-[") & set(str(p)) or str(p) in _UNION_MEMBERS))
+        by_key.setdefault(loc, []).append(error | {"loc": loc})
+    return [_describe(first) + (f" (or: {'; '.join(e['msg'] for e in rest)})" if rest else "")
+            for first, *rest in by_key.values()]
 
 
 def parse_override(item: str) -> tuple[str, object]:

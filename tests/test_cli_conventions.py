@@ -40,7 +40,7 @@ def test_config_show_prints_toml_that_loads_back_to_the_same_resolved_config(tmp
 
 def test_config_show_without_a_file_prints_the_defaults_and_a_bad_key_fails_in_one_message():
     assert tomllib.loads(invoke("config", "show").stdout) == tomllib.loads(
-        invoke("config", "show", "--set", "shard_size=4").stdout)
+        invoke("config", "show", "--set", "shard_size=auto").stdout)
     bad = invoke("config", "show", "--set", "candidates.nn=3")
     assert bad.exit_code == 2 and "error:" in bad.stdout and "candidates.nn" in bad.stdout
 

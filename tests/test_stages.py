@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pytest
 from prefect import flow
 
-from prefmill.flows.pipeline import RunModels, Shard, no_report, run_stages
+from prefmill.flows.pipeline import RunModels, Shard, no_report, run_stages, shard_seeds, shard_size
 from prefmill.flows.results import RunResult
 from prefmill.flows.stages import STAGES, Stage, build_stages
 from prefmill.flows.stages.base import imported_modules
@@ -173,3 +173,12 @@ def test_the_shard_store_round_trips_and_ignores_what_a_killed_writer_left(tmp_p
     store.put("k", StoredShard({"a": pa.table({"x": [2]})}, {}))  # another writer's copy of the same work
     back = store.get("k")
     assert back.tables == shard.tables and back.meta == shard.meta
+
+
+def test_auto_shards_stay_small_for_small_runs_and_grow_into_few_tasks_for_big_ones():
+    auto = PipelineConfig()
+    assert [shard_size(auto, n) for n in (1, 8, 16, 17, 256, 1000, 10**6)] == [4, 4, 4, 5, 64, 64, 64]
+    assert shard_size(PipelineConfig(backend="ray", ray={"actors": 8}), 1000) == 32  # 4 shards for every actor
+    assert shard_size(PipelineConfig(shard_size=7), 10**6) == 7
+    shards = shard_seeds(auto, pa.table({"seed_id": [str(i) for i in range(1000)]}))
+    assert [s.tables["seeds"].num_rows for s in shards] == [64] * 15 + [40]
