@@ -107,6 +107,9 @@ def _table(fields: dict[str, FieldInfo]) -> str:
 
 def _type(annotation: Any) -> str:
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:  # a union member with bounds of its own: int ≥ 1
+        bounds = _bounds([m for arg in args[1:] for m in getattr(arg, "metadata", [arg])])
+        return f"{_type(args[0])} ({bounds})" if bounds else _type(args[0])
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(f'`"{a}"`' for a in args)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -124,8 +127,12 @@ def _default(value: Any) -> str:
 
 
 def _allowed(field: FieldInfo) -> str:
+    return _bounds(field.metadata)
+
+
+def _bounds(metadata: list[Any]) -> str:
     found = []
-    for item in field.metadata:
+    for item in metadata:
         for kind, attr, sign in ((Ge, "ge", "≥"), (Gt, "gt", ">"), (Le, "le", "≤"), (Lt, "lt", "<")):
             if isinstance(item, kind):
                 found.append(f"{sign} {getattr(item, attr)}")
