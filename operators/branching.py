@@ -1,15 +1,18 @@
 """Branched multi-turn rollouts (REFUEL, Gao et al. 2024): two futures of one self-chat prefix, ranked by the
 sum of their per-turn rewards.
 
-When a self-chat conversation of H assistant turns ends, a turn h is picked (uniformly at random with an RNG
-seeded per conversation, or every turn) and the whole future from the shared prefix `messages[:prefix]` (which
+A self-chat conversation of H assistant turns branches at a turn h (one picked uniformly at random with an RNG
+seeded per conversation, or every turn): the whole future from the shared prefix `messages[:prefix]` (which
 ends in the user turn before assistant turn h) is sampled again with shifted seeds, simulator and assistant
 both, through the same `Dialogues` (same gates, token budget and turn limit) and in the same request stream as
-self-chat. The original conversation is one trajectory and the branch the other. After every assistant turn
-of both futures is scored, a branch gives a pair (prompt = the shared prefix, chosen/rejected = the two
-continuations as message lists, with per-turn rewards and the future-reward difference), or a reject row with
-its reason: a future that a gate, the token budget or the context window ended early, or futures whose summed
-rewards differ by less than the margin.
+self-chat. A branch starts as soon as its prefix exists, beside the conversation's own future, rather than
+when the conversation ends (the dependency chain would double): the uniform pick is drawn from the
+`max_turns` a conversation may reach, and one that ends before its pick branches at one of the H turns it has,
+drawn again, which makes every one of its H turns equally likely. The original conversation is one trajectory
+and the branch the other. After every assistant turn of both futures is scored, a branch gives a pair (prompt =
+the shared prefix, chosen/rejected = the two continuations as message lists, with per-turn rewards and the
+future-reward difference), or a reject row with its reason: a future that a gate, the token budget or the
+context window ended early, or futures whose summed rewards differ by less than the margin.
 """
 
 from __future__ import annotations
@@ -45,18 +48,35 @@ class Branching:
         if self.turns not in TURN_CHOICES:
             raise ValueError(f"branching.turns must be one of {TURN_CHOICES}, got {self.turns!r}")
 
-    def branch_turns(self, conversation_id: str, num_turns: int) -> list[int]:
-        """The assistant turns (0-based) a conversation of `num_turns` assistant turns branches at."""
+    def planned_turns(self, conversation_id: str, max_turns: int) -> list[int]:
+        """The turns (0-based) a conversation branches at as soon as their prefix exists: every turn, or one
+        drawn uniformly from the `max_turns` it may reach."""
         if self.turns == "every":
-            return list(range(num_turns))
-        rng = random.Random(f"{self.seed}:{conversation_id}")
-        return [rng.randrange(num_turns)] if num_turns else []
+            return list(range(max_turns))
+        return [random.Random(f"{self.seed}:{conversation_id}").randrange(max_turns)]
+
+    def fallback_turns(self, conversation_id: str, num_turns: int) -> list[int]:
+        """Where a conversation that ended before its planned turn branches (uniform): one of the `num_turns`
+        it has, drawn uniformly, so that over both draws each of its turns is equally likely."""
+        if self.turns == "every" or not num_turns:
+            return []
+        return [random.Random(f"{self.seed}:{conversation_id}:ended").randrange(num_turns)]
+
+    def branch_turns(self, conversation_id: str, max_turns: int, num_turns: int) -> list[int]:
+        """The turns a conversation that ended with `num_turns` assistant turns has branched at."""
+        planned = [h for h in self.planned_turns(conversation_id, max_turns) if h < num_turns]
+        return planned or self.fallback_turns(conversation_id, num_turns)
 
     def requests(self, dialogues: Dialogues, i: int) -> list[Request]:
-        """The first requests of conversation i's branches (call once, when it has ended)."""
-        starts = assistant_positions(dialogues.messages(i))
-        picked = self.branch_turns(dialogues.conversation_id(i), len(starts))
-        return [dialogues.branch(i, starts[h], self.seed_offset) for h in picked]
+        """The first requests of conversation i's branches that can start now and have not yet: a planned turn
+        as soon as the user turn before it exists, so the branch runs beside the conversation's own future;
+        once the conversation has ended without reaching its planned turn, the fallback turn."""
+        users = [k for k, m in enumerate(dialogues.messages(i)) if m["role"] == "user"]
+        conversation, started = dialogues.conversation_id(i), dialogues.branched(i)
+        turns = [h for h in self.planned_turns(conversation, dialogues.chat.max_turns) if h < len(users)]
+        if not turns and not started and dialogues.ended(i):
+            turns = self.fallback_turns(conversation, len(assistant_positions(dialogues.messages(i))))
+        return [dialogues.branch(i, users[h] + 1, self.seed_offset) for h in turns if users[h] + 1 not in started]
 
     def table(self, dialogues: Dialogues) -> pa.Table:
         """Every branch of the run as a `branches` row, by conversation and turn whatever order they finished in

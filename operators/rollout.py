@@ -36,7 +36,7 @@ class Rollout:
     selfchat: SelfChat = field(default_factory=SelfChat)
     sampler: CandidateSampler = field(default_factory=CandidateSampler)
     contexts: str = CandidatesSection().contexts
-    branching: Branching | None = None  # branch every finished conversation (REFUEL) in the same request stream
+    branching: Branching | None = None  # branch the conversations (REFUEL) in the same request stream
 
     def __post_init__(self):
         if self.contexts not in {"all", "last"}:
@@ -60,6 +60,7 @@ class Rollout:
 
         first = dialogues.first_requests()
         first += [r for i in range(len(seeds)) for r in self._candidate_requests(dialogues, i, asked)]
+        first += [r for i in range(len(seeds)) for r in self._branch_requests(dialogues, i)]
         run_requests({"assistant": assistant, "simulator": simulator}, first, on_done)
         if teacher is not None:
             self._add_teacher(dialogues, rows, teacher)
@@ -95,13 +96,15 @@ class Rollout:
     def _turn_done(self, dialogues: Dialogues, request: Request, completions: list[Completion],
                    asked: set[tuple[int, int]]) -> list[Request]:
         """A self-chat turn's follow-ups: the conversation's next turn, the candidates of a context it made known
-        and, once it has ended, its branches; a branch gets only its own next turn (no candidates)."""
+        and the branches whose prefix it completed; a branch gets only its own next turn (no candidates)."""
         i = request.key[1]
         follow_ups = dialogues.take(request, completions)
         if dialogues.is_branch(i):
             return follow_ups
-        branches = self.branching.requests(dialogues, i) if self.branching and not follow_ups else []
-        return [*follow_ups, *branches, *self._candidate_requests(dialogues, i, asked)]
+        return [*follow_ups, *self._branch_requests(dialogues, i), *self._candidate_requests(dialogues, i, asked)]
+
+    def _branch_requests(self, dialogues: Dialogues, i: int) -> list[Request]:
+        return self.branching.requests(dialogues, i) if self.branching else []
 
     def _branches(self, dialogues: Dialogues) -> pa.Table | None:
         return self.branching.table(dialogues) if self.branching else None

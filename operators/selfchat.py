@@ -144,7 +144,8 @@ class Dialogues:
                  models: tuple[str, str] = ("default", "default")):
         self.chat, self.progress, self.finished, self.models = chat, progress, 0, models
         self.states = [_State(seed, [Message(role="user", content=seed["question"])]) for seed in seeds]
-        self.conversations = len(seeds)
+        self.num_conversations = len(seeds)
+        self.prefixes: dict[int, set[int]] = {}  # conversation index → the prefix lengths it was branched at
 
     def first_requests(self) -> list[Request]:
         return [self._assistant_request(i, 0) for i in range(len(self.states))]
@@ -176,14 +177,22 @@ class Dialogues:
         self.states.append(_State(state.seed, list(state.messages[:prefix]), state.spent[prefix - 1],
                                   gates=[g for g in state.gates if g["turn"] < turn],
                                   spent=state.spent[:prefix], seed_shift=seed_shift, origin=(i, prefix)))
+        self.prefixes.setdefault(i, set()).add(prefix)
         return self._assistant_request(len(self.states) - 1, turn)
 
+    def ended(self, i: int) -> bool:
+        return not self.states[i].live
+
+    def branched(self, i: int) -> set[int]:
+        """The prefix lengths conversation i has been branched at so far."""
+        return self.prefixes.get(i, set())
+
     def is_branch(self, i: int) -> bool:
-        return i >= self.conversations
+        return i >= self.num_conversations
 
     def branches(self) -> list[tuple[int, int, int]]:
         """Every branch as (its index, the conversation it branches, its prefix length)."""
-        return [(j, *self.states[j].origin) for j in range(self.conversations, len(self.states))]
+        return [(j, *self.states[j].origin) for j in range(self.num_conversations, len(self.states))]
 
     def row(self, i: int) -> dict:
         """State i as a `conversations` row (a branch carries its conversation's id)."""
@@ -203,7 +212,7 @@ class Dialogues:
         return not state.live or (state.messages[-1]["role"] == "user" and turns == self.chat.max_turns - 1)
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pylist([self._row(s) for s in self.states[:self.conversations]], schema=CONVERSATIONS)
+        return pa.Table.from_pylist([self._row(s) for s in self.states[:self.num_conversations]], schema=CONVERSATIONS)
 
     def _assistant_request(self, i: int, turn: int) -> Request:
         state = self.states[i]
@@ -258,7 +267,7 @@ class Dialogues:
         if state.origin is None:
             self.finished += 1
             if self.progress:
-                self.progress(self.finished, self.conversations)
+                self.progress(self.finished, self.num_conversations)
 
     def _row(self, state: _State) -> dict:
         seed_id = state.seed["seed_id"]

@@ -101,19 +101,27 @@ def test_every_turn_branches_from_each_prefix_with_other_seeds():
 
 def test_uniform_picks_one_seeded_turn_per_conversation_and_every_turn_alike():
     branching = Branching(turns="uniform", seed=3)
-    picks = [branching.branch_turns(f"conv-{n}", 3) for n in range(600)]
-    assert all(len(p) == 1 for p in picks)
-    assert picks == [branching.branch_turns(f"conv-{n}", 3) for n in range(600)]
-    counts = Counter(p[0] for p in picks)
-    assert set(counts) == {0, 1, 2} and all(150 <= c <= 250 for c in counts.values())
-    assert Branching(turns="every").branch_turns("c", 3) == [0, 1, 2]
-    assert branching.branch_turns("c", 0) == []
+    for num_turns in (3, 2):  # a conversation that ended before max_turns: its planned turn, else a second draw
+        picks = [branching.branch_turns(f"conv-{n}", 3, num_turns) for n in range(600)]
+        assert all(len(p) == 1 for p in picks)
+        assert picks == [branching.branch_turns(f"conv-{n}", 3, num_turns) for n in range(600)]
+        counts = Counter(p[0] for p in picks)
+        assert set(counts) == set(range(num_turns))
+        assert all(abs(c - 600 / num_turns) < 60 for c in counts.values()), counts
+    assert Branching(turns="every").branch_turns("c", 3, 3) == [0, 1, 2]
+    assert branching.branch_turns("c", 3, 0) == []
     assert rollout(varied, turns="uniform").branches.num_rows == len(SEEDS)
 
 
-def test_branches_join_the_one_request_stream():
-    waves, stream = rollout(varied), rollout(varied, lm_class=StreamingScriptedLM)
-    assert stream.branches.equals(waves.branches) and stream.conversations.equals(waves.conversations)
+def test_branches_join_the_one_request_stream_as_soon_as_their_prefix_exists():
+    lm = StreamingScriptedLM(varied)
+    stream = Rollout(SelfChat(max_turns=3), CandidateSampler(n=2, max_tokens=8), "last",
+                     Branching(turns="every", seed_offset=OFFSET))(SEEDS, lm)
+    assert stream.branches.equals(rollout(varied).branches)
+    order = [(event, key[1]) for event, key in lm.events if key[0] in ("assistant", "user")]
+    last_done = max(k for k, (event, i) in enumerate(order) if event == "done" and i < len(SEEDS))
+    first_branch = min(k for k, (event, i) in enumerate(order) if event == "add" and i >= len(SEEDS))
+    assert first_branch < last_done  # branches run beside the conversations, not after them
 
 
 def test_pairs_have_the_shared_prefix_as_prompt_and_one_reward_per_turn():
