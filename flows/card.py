@@ -167,6 +167,9 @@ TRAINING_NOTES = {
                 "so it weighs only the step).",
     "spin": "SPIN pairs choose the gold answer over iteration `iteration`'s own reply; select earlier iterations' "
             "pairs by SQL (`WHERE iteration < n`) to mix them in.",
+    "refuel": "REFUEL pairs continue a shared multi-turn prefix with two whole futures (simulated-user turns "
+              "included): DPO reads them as multi-message chosen/rejected; REFUEL/REBEL-style trainers regress "
+              "`future_reward_diff` (per-turn rewards in `chosen_turn_rewards` / `rejected_turn_rewards`).",
 }
 
 

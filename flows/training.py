@@ -27,7 +27,7 @@ from prefmill.storage.catalog import Catalog, CatalogError
 TRL_COLUMNS = ["prompt", "chosen", "rejected"]
 EXTRA_COLUMNS = ["pair_id", "prompt_id", "seed_id", "score_chosen", "score_rejected", "margin", "chosen_win_prob",
                  "chosen_mean_win_prob", "rejected_mean_win_prob", "strategy", "source", "iteration", "policy_id",
-                 "step_index"]
+                 "step_index", "branch_turn", "chosen_turn_rewards", "rejected_turn_rewards", "future_reward_diff"]
 DATA_DIR = "data"
 
 

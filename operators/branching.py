@@ -38,7 +38,7 @@ CONVERSATION_COLUMNS = ("conversation_id", "seed_id", "messages", "num_turns", "
 
 @dataclass(frozen=True)
 class Branching:
-    """Which turns of a finished conversation branch, with which seeds, and the `branches` rows."""
+    """Which turns of a conversation branch and when, with which seeds, and the `branches` rows."""
 
     turns: str = _DEFAULTS.turns
     seed_offset: int = _DEFAULTS.seed_offset

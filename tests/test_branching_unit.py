@@ -193,6 +193,8 @@ def test_multi_turn_pairs_survive_dedup_keys_and_render_through_trl(model_path):
     assert dedup_key(later) != dedup_key(pair)  # every turn of the continuation counts, not only the first
     [row] = [r for r in trl_table(pairs).to_pylist() if r["pair_id"] == pair["pair_id"]]
     assert (row["prompt"], row["chosen"]) == (pair["prompt"], pair["chosen"]) and len(row["chosen"]) > 1
+    assert (row["future_reward_diff"], row["chosen_turn_rewards"]) == (pair["future_reward_diff"],
+                                                                       pair["chosen_turn_rewards"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rendered = maybe_apply_chat_template({k: row[k] for k in ("prompt", "chosen", "rejected")}, tokenizer)
     whole = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
