@@ -44,7 +44,7 @@ def engine(model_path):
 
 @pytest.fixture(scope="module")
 def make_ray_pool(model_path):
-    """Opens `RayEnginePool(config)`s for one test module, each Ray runtime in a short temp folder under
+    """Opens `RayEnginePool(config, plan=None)`s for one test module, each Ray runtime in a short temp folder under
     /tmp (Ray's socket paths must stay under 108 bytes: pytest's deep tmp_path is too long); at the end of
     the module they are shut down with Ray and their folders removed."""
     import ray
@@ -53,10 +53,10 @@ def make_ray_pool(model_path):
 
     opened = []
 
-    def make(config):
+    def make(config, plan=None):
         temp = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")
         os.environ["PREFMILL_RAY_TMP"] = temp
-        opened.append((RayEnginePool(config), temp))
+        opened.append((RayEnginePool(config, plan=plan), temp))
         return opened[-1][0]
     yield make
     for pool, _ in opened:

@@ -185,25 +185,40 @@ def test_prefmill_plan_prints_the_table_for_a_hypothetical_inventory(tmp_path):
     assert refused.exit_code == 2 and "placement impossible" in refused.output
 
 
-@pytest.mark.slow
-def test_a_simulator_in_another_model_folder_gets_a_second_engine_in_the_same_host(engine, model_path, tmp_path):
-    """Real end to end on CPU: the simulator is a second materialised copy of the embedded model under its own
-    spec, so the run's host holds two engines (assistant and simulator) and both answer; the CPU plan the
-    host is given changes nothing."""
+def two_model_run(model_path, tmp_path, *overrides):
+    """A tiny run whose simulator is a second materialised copy of the embedded model under its own spec."""
     import shutil
 
-    from prefmill.flows.pipeline import pipeline_flow
     from prefmill.schemas.config import load_pipeline_config
-    from prefmill.serving.engine import VLLMEngine
-    from prefmill.serving.hosts import LocalPool
-    from prefmill.storage.catalog import Catalog
 
     simulator = str(shutil.copytree(model_path, tmp_path / "simulator-copy"))
-    cfg = load_pipeline_config(None, ["seeds.limit=2", "shard_size=1", "selfchat.max_turns=2",
-                                      "selfchat.max_tokens_per_turn=24", "selfchat.simulator_max_tokens=24",
-                                      "candidates.n=2", "candidates.max_tokens=24", "critiques.enabled=false",
-                                      f'models.simulator="{simulator}"', f'catalog="{tmp_path / "catalog"}"',
-                                      f'result_storage="{tmp_path / "results"}"'])
+    return simulator, load_pipeline_config(None, [
+        "seeds.limit=2", "shard_size=1", "selfchat.max_turns=2", "selfchat.max_tokens_per_turn=24",
+        "selfchat.simulator_max_tokens=24", "candidates.n=2", "candidates.max_tokens=24", "critiques.enabled=false",
+        f'models.simulator="{simulator}"', f'catalog="{tmp_path / "catalog"}"',
+        f'result_storage="{tmp_path / "results"}"', *overrides])
+
+
+def assert_both_engines_answered(cfg, result, simulator: str) -> None:
+    from prefmill.storage.catalog import Catalog
+
+    conversations = Catalog(cfg.catalog).read("conversations").to_pylist()
+    assert len(conversations) == 2
+    assert {(c["assistant_model"], c["simulator_model"]) for c in conversations} == {("smollm2-135m", simulator)}
+    for c in conversations:  # each reached the simulator's engine: its turn was kept, refused by a gate, or ended it
+        assert len(c["messages"]) > 2 or c["gates"] or c["ended_by"] == "user_ended", c
+    assert result.stages["rollout"].requests > 0 and result.stages["rewards"].requests > 0
+
+
+@pytest.mark.slow
+def test_a_simulator_in_another_model_folder_gets_a_second_engine_in_the_same_host(engine, model_path, tmp_path):
+    """Real end to end on CPU: the run's host holds two engines (assistant and simulator) and both answer; the
+    CPU plan the host is given changes nothing."""
+    from prefmill.flows.pipeline import pipeline_flow
+    from prefmill.serving.engine import VLLMEngine
+    from prefmill.serving.hosts import LocalPool
+
+    simulator, cfg = two_model_run(model_path, tmp_path)
     plan = plan_for(cfg)
     assert [(p.kind, p.spec) for p in plan.placements if p.kind == "engine"] == [
         ("engine", "smollm2-135m"), ("engine", simulator)]
@@ -214,11 +229,20 @@ def test_a_simulator_in_another_model_folder_gets_a_second_engine_in_the_same_ho
         assert isinstance(opened, VLLMEngine) and opened is not engine
     finally:
         host.close()
-    conversations = Catalog(cfg.catalog).read("conversations").to_pylist()
-    assert {(c["assistant_model"], c["simulator_model"]) for c in conversations} == {("smollm2-135m", simulator)}
-    for c in conversations:  # each reached the simulator's engine: its turn was kept, refused by a gate, or ended it
-        assert len(c["messages"]) > 2 or c["gates"] or c["ended_by"] == "user_ended", c
-    assert result.stages["rollout"].requests > 0 and result.stages["rewards"].requests > 0
+    assert_both_engines_answered(cfg, result, simulator)
+
+
+@pytest.mark.slow
+def test_on_ray_the_actor_holds_both_engines_and_both_answer(make_ray_pool, model_path, tmp_path):
+    """The same run on the ray backend: one actor loads the assistant's engine at start and opens the
+    simulator's second engine in its own process when the rollout asks for it."""
+    from prefmill.flows.pipeline import pipeline_flow
+    from prefmill.schemas.config import PoolConfig
+
+    simulator, cfg = two_model_run(model_path, tmp_path, "backend=ray")
+    pool = make_ray_pool(PoolConfig(engine=EngineConfig(cpu_kv_cache_gib=0.25), actors=1), plan=plan_for(cfg))
+    result = pipeline_flow(pool=pool)(cfg.model_dump(mode="json"))
+    assert_both_engines_answered(cfg, result, simulator)
 
 
 def test_a_run_whose_plan_cannot_fit_fails_before_any_model_loads(monkeypatch, tmp_path):
