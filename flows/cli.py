@@ -466,8 +466,9 @@ def card(
 
 @app.command()
 def evaluate(
-    file: Path = typer.Argument(..., help="labelled pairs: JSON lines with prompt, chosen, rejected (strings or "
-                                          "TRL message lists, as `prefmill export --format trl` writes them)"),
+    file: Path = typer.Argument(..., help="labelled pairs: JSON lines or Parquet with prompt, chosen, rejected "
+                                          "(strings or TRL message lists), or the folder `prefmill export "
+                                          "--format trl` wrote"),
     config: Optional[Path] = typer.Argument(None, help="pipeline config (TOML): models and weights; default: "
                                                        "every key's default"),
     set_: list[str] = SetOption,
@@ -482,14 +483,13 @@ def evaluate(
     Example: prefmill evaluate labelled.jsonl --set judge.enabled=true --set pairs.judge_weight=1
     """
     from prefmill.flows.evaluate import LabelledFileError, evaluate_file
-    from prefmill.operators.judge import RubricFileError
     from prefmill.schemas.config import ConfigError, load_pipeline_config
 
     try:
         cfg = load_pipeline_config(config, set_)
         with _evaluate_progress() as progress:
             result = evaluate_file(file, cfg, progress, boot, seed)
-    except (ConfigError, LabelledFileError, RubricFileError) as exc:
+    except (ConfigError, LabelledFileError) as exc:  # a bad rubric file is a ConfigError too
         _fail(str(exc))
     if as_json:
         print(json.dumps(result))

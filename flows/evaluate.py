@@ -1,8 +1,8 @@
 """`prefmill evaluate`: how often each score part prefers the human-chosen reply of labelled pairs.
 
-Input: JSON Lines with `prompt`, `chosen`, `rejected` (strings, or TRL message lists: the prompt a
-conversation ending in a user turn, each reply one assistant message, as `prefmill export --format trl`
-writes them) and optionally `documents` (source texts the claim critic checks against). Every distinct
+Input: JSON Lines or Parquet with `prompt`, `chosen`, `rejected` (strings, or TRL message lists: the prompt a
+conversation ending in a user turn, each reply one assistant message), or the folder `prefmill export
+--format trl` writes and optionally `documents` (source texts the claim critic checks against). Every distinct
 (prompt, reply) is scored once by each part the config can run: FLR, claim factuality (only where there are
 documents: a line's own or `critiques.documents`) and the rubric judge (mean over `judge.aspects`); the
 composite is the pipeline's own (`PairMiner.score`: each part normalised within the prompt, weighted by
@@ -60,23 +60,45 @@ class LabelledPair:
 
 
 def load_labelled(path: Path) -> list[LabelledPair]:
-    """The pairs of a JSONL file; a bad line raises `LabelledFileError` naming file:line and field."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LabelledFileError(f"cannot read {path}: {exc}") from exc
-    pairs = [_pair(path, k, text) for k, text in enumerate(lines, 1) if text.strip()]
+    """The pairs of a JSONL file, a Parquet file, or the folder `prefmill export --format trl` writes (its
+    `data/*.parquet`); a bad line or row raises `LabelledFileError` naming file:line (or row) and field."""
+    path = Path(path)
+    files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
+    pairs = [pair for file in files for pair in (_parquet_pairs(file) if file.suffix == ".parquet"
+                                                 else _jsonl_pairs(file))]
     if not pairs:
-        raise LabelledFileError(f"{path}: no pairs (expected JSON lines with prompt, chosen and rejected)")
+        raise LabelledFileError(f"{path}: no pairs (expected JSON lines or Parquet rows with prompt, chosen and "
+                                "rejected)")
     return pairs
 
 
-def _pair(path: Path, line: int, text: str) -> LabelledPair:
-    where = f"{path}:{line}"
+def _jsonl_pairs(path: Path) -> list[LabelledPair]:
+    try:  # split on newlines only: U+2028 and friends are legal inside a JSON string
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabelledFileError(f"cannot read {path}: {exc}") from exc
+    return [_pair(f"{path}:{k}", k, _json_row(f"{path}:{k}", text)) for k, text in enumerate(lines, 1)
+            if text.strip()]
+
+
+def _parquet_pairs(path: Path) -> list[LabelledPair]:
+    import pyarrow.parquet as pq
+
     try:
-        row = json.loads(text)
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:
+        raise LabelledFileError(f"cannot read {path}: {exc}") from exc
+    return [_pair(f"{path}: row {k}", k, row) for k, row in enumerate(rows, 1)]
+
+
+def _json_row(where: str, text: str) -> Any:
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise LabelledFileError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _pair(where: str, line: int, row: Any) -> LabelledPair:
     if not isinstance(row, dict):
         raise LabelledFileError(f"{where}: expected a JSON object with prompt, chosen and rejected")
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
@@ -119,7 +141,8 @@ def candidates(pairs: list[LabelledPair]) -> list[dict]:
     for pair in pairs:
         for side in ("chosen", "rejected"):
             cid = pair.candidate_id(side)
-            out[cid] = {"candidate_id": cid, "context_id": pair.context_id, "seed_id": pair.context_id,
+            seed = stable_id("seed", pair.context_id, pair.documents)  # the documents its claims are checked on
+            out[cid] = {"candidate_id": cid, "context_id": pair.context_id, "seed_id": seed,
                         "context": pair.prompt, "reply": getattr(pair, side), "finish_reason": "stop",
                         "documents": pair.documents}
     return list(out.values())
@@ -227,7 +250,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
         return math.nan, math.nan
     p = k / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
 def cluster_bootstrap(hits: list[bool], clusters: list[str], boot: int, seed: int) -> tuple[float, float]:

@@ -255,9 +255,12 @@ def timed(result: RunResult, stage: str, fn: Callable[..., Any], *args: Any) -> 
 
 
 def model_identities(cfg: PipelineConfig, stages: list[Stage]) -> dict[str, str]:
-    """Each model the run uses (the policy always) by spec → its identity: the spec and a hash of its files."""
-    specs = {cfg.models.assistant} | {role.spec for stage in stages for role in stage.roles().values()}
-    return {spec: model_identity(spec) for spec in sorted(specs)}
+    """Each model the run uses (the policy always) by spec → its identity: the spec and a hash of its files; a
+    model only served elsewhere (a role with a `url`: its files are not ours to read) is `spec@remote`."""
+    roles = [role for stage in stages for role in stage.roles().values()]
+    local = {cfg.models.assistant} | {role.spec for role in roles if not role.url}
+    remote = {role.spec for role in roles if role.url} - local
+    return {spec: model_identity(spec) if spec in local else f"{spec}@remote" for spec in sorted(local | remote)}
 
 
 def run_stages(stages: list[Stage], shards: list[Shard], models: RunModels, store: ShardStore,

@@ -164,6 +164,9 @@ class RubricJudge:
     seed: int = _DEFAULTS.seed
 
     def __post_init__(self):
+        if len(set(self.aspects)) < len(self.aspects):
+            raise RubricFileError(f"judge.aspects: {list(self.aspects)} names an aspect twice (each would be "
+                                  "graded twice)")
         unknown = [a for a in self.aspects if a not in self.rubrics]
         if unknown:
             raise RubricFileError(f"judge.aspects: no rubric for {unknown}; known: {sorted(self.rubrics)} (add it "

@@ -130,7 +130,7 @@ class PairMiner:
         contexts: dict[str, list[Scored]] = defaultdict(list)
         too_long: dict[str, dict] = {}
         for row in sorted(candidates.to_pylist(), key=lambda r: r["candidate_id"]):
-            if row["finish_reason"] == PROMPT_TOO_LONG:
+            if row["finish_reason"] == PROMPT_TOO_LONG and not row.get("is_teacher"):
                 too_long.setdefault(row["context_id"], row)
                 continue
             problem = self._problem(row, reward_of, factuality, critiques is not None) or self._unjudged(row, judged)
@@ -146,6 +146,8 @@ class PairMiner:
         return {ctx: _distinct(group, rejects) for ctx, group in contexts.items()}
 
     def _problem(self, row: dict, reward_of: dict, factuality: dict, critiqued: bool) -> tuple[str, str] | None:
+        if row["finish_reason"] == PROMPT_TOO_LONG:  # the teacher's window (the policy's are context rejects)
+            return PROMPT_TOO_LONG, "the context does not fit the teacher's context window: it gave no reply"
         reward = reward_of.get(row["candidate_id"])
         if reward is None or math.isnan(reward):
             return "no_reward", "no FLR reward row for this candidate (score every candidate, revised ones too)"

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Sequence
@@ -446,7 +447,7 @@ def validate_pipeline_config(data: dict) -> PipelineConfig:
         raise ConfigError("invalid config:\n" + "\n".join(_lines(exc.errors()))) from None
 
 
-_UNION_MEMBERS = {"int", "str", "float", "bool", "none"}  # besides tags such as constrained-int, literal['auto']
+_UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|int|str|float|bool|none)$")  # pydantic's union members
 
 
 def _lines(errors: list[dict]) -> list[str]:
@@ -454,7 +455,8 @@ def _lines(errors: list[dict]) -> list[str]:
     (`int | "auto"`) asks for is said on that one line."""
     by_key: dict[tuple, list[dict]] = {}
     for error in errors:
-        loc = tuple(p for p in error["loc"] if not (set("-[") & set(str(p)) or str(p) in _UNION_MEMBERS))
+        union_member = error["type"] != "extra_forbidden" and len(error["loc"]) > 1
+        loc = tuple(p for p in error["loc"] if not (union_member and _UNION_TAG.match(str(p))))
         by_key.setdefault(loc, []).append(error | {"loc": loc})
     return [_describe(first) + (f" (or: {'; '.join(e['msg'] for e in rest)})" if rest else "")
             for first, *rest in by_key.values()]

@@ -20,6 +20,7 @@ from prefmill.flows.evaluate import (
     outcomes,
     report,
     score_parts,
+    wilson,
 )
 from prefmill.flows.stages.judge import JudgeStage
 from prefmill.operators.judge import (
@@ -235,3 +236,39 @@ def test_a_bad_labelled_line_names_file_line_and_field(tmp_path):
         load_labelled(path)
     path.write_text(json.dumps(trl) + "\n")
     assert load_labelled(path)[0].chosen == "Hello!"
+
+
+def test_evaluate_reads_the_trl_export_folder_and_parquet_and_names_a_bad_row(tmp_path):
+    import pyarrow.parquet as pq
+
+    trl = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+           "rejected": [{"role": "assistant", "content": "Go away."}], "margin": 0.5}
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([trl, trl]), tmp_path / "out" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist([trl]), tmp_path / "out" / "data" / "test-00000-of-00001.parquet")
+    assert [p.chosen for p in load_labelled(tmp_path / "out")] == ["Hello!"] * 3
+    bad = {**trl, "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    pq.write_table(pa.Table.from_pylist([trl, bad]), tmp_path / "bad.parquet")
+    with pytest.raises(LabelledFileError, match=r"bad\.parquet: row 2: field 'chosen' must be"):
+        load_labelled(tmp_path / "bad.parquet")
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    row = {"prompt": "Hi\u2028there", "chosen": "Hello\u2029!", "rejected": "No\u0085."}
+    path.write_text("\ufeff" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    [pair] = load_labelled(path)
+    assert pair.chosen == "Hello\u2029!" and pair.prompt[0]["content"] == "Hi\u2028there"
+
+
+def test_same_prompt_with_other_documents_is_checked_against_its_own_documents():
+    one = LabelledPair(1, [{"role": "user", "content": "Q?"}], "a", "b", ["doc one"])
+    two = LabelledPair(2, [{"role": "user", "content": "Q?"}], "c", "d", ["doc two"])
+    seeds = {c["reply"]: c["seed_id"] for c in candidates([one, two])}
+    assert seeds["a"] == seeds["b"] != seeds["c"] == seeds["d"]
+
+
+def test_wilson_bounds_stay_within_zero_and_one():
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    low, high = wilson(3, 4)
+    assert (round(low, 3), round(high, 3)) == (0.301, 0.954)

@@ -32,10 +32,11 @@ def teacher_script(conv, sampling, k):
     return f"A careful teacher answer to {conv[-1]['content']}"
 
 
-def rollout(teacher_name="teacher-m", teacher=teacher_script):
+def rollout(teacher_name="teacher-m", teacher=teacher_script, teacher_window=None):
     lm = ScriptedLM(policy_script, name="policy-m")
     roll = Rollout(SelfChat(max_turns=1), CandidateSampler(n=3, seed=10))
-    return roll(SEEDS, lm, teacher=ScriptedLM(teacher, name=teacher_name)).candidates.to_pylist()
+    teacher_lm = ScriptedLM(teacher, name=teacher_name, context_window=teacher_window)
+    return roll(SEEDS, lm, teacher=teacher_lm).candidates.to_pylist()
 
 
 def test_every_context_gets_one_flagged_teacher_reply_after_the_policys_samples():
@@ -57,14 +58,14 @@ def test_a_teacher_under_the_policys_own_spec_keeps_distinct_ids_and_a_copy_is_f
     assert all(r["is_duplicate"] for r in copied if r["is_teacher"])
 
 
-def mined(teacher_reward: float):
-    rows = [r for r in rollout() if r["seed_id"] == "s0"]
+def mined(teacher_reward: float, teacher_window=None, rejects=False):
+    rows = [r for r in rollout(teacher_window=teacher_window) if r["seed_id"] == "s0"]
     values = [teacher_reward if r["is_teacher"] else 1.0 + 0.5 * r["sample_index"] for r in rows]
     rewards = pa.Table.from_pylist([{"candidate_id": r["candidate_id"], "context_id": r["context_id"], "reward": v,
                                      "aspects": [], "aggregation": "mean", "truncated_tokens": 0,
                                      "scorer_model": "s"} for r, v in zip(rows, values)], schema=REWARDS)
-    pairs = PairMiner(factuality_weight=0.0)(pa.Table.from_pylist(rows, schema=CANDIDATES), rewards).pairs
-    return pairs.to_pylist()
+    out = PairMiner(factuality_weight=0.0)(pa.Table.from_pylist(rows, schema=CANDIDATES), rewards)
+    return (out.pairs.to_pylist(), out.rejects.to_pylist()) if rejects else out.pairs.to_pylist()
 
 
 def test_a_teacher_that_wins_is_chosen_and_the_pair_says_so():
@@ -78,6 +79,12 @@ def test_a_teacher_that_loses_is_rejected_and_the_pair_says_so():
     [pair] = mined(teacher_reward=-9.0)
     assert (pair["chosen_is_teacher"], pair["rejected_is_teacher"]) == (False, True)
     assert pair["rejected"][0]["content"].startswith("A careful teacher")
+
+
+def test_a_context_too_long_for_the_teacher_alone_rejects_the_teacher_reply_not_the_context():
+    pairs, rejects = mined(teacher_reward=9.0, teacher_window=3, rejects=True)
+    assert len(pairs) == 1 and not pairs[0]["chosen_is_teacher"]  # the policy's replies still make their pair
+    assert [(r["reason"], r["candidate_id"].startswith("teacher")) for r in rejects] == [("prompt_too_long", True)]
 
 
 def test_teacher_config_is_checked_and_its_server_is_where_not_what():
@@ -136,6 +143,7 @@ def test_every_published_pair_records_whether_the_teacher_was_chosen_or_rejected
     pairs = catalog.read("pairs").to_pylist()
     rejects = catalog.read("pair_rejects").to_pylist()
     assert len(pairs) + len(rejects) >= 2  # every context is accounted for
+    assert pairs, "min_margin 0: two distinct scored replies of a context always make a pair"
     teacher_ids = {r["candidate_id"] for r in catalog.read("candidates").to_pylist() if r["is_teacher"]}
     for pair in pairs:
         assert pair["chosen_is_teacher"] == (pair["chosen_candidate_id"] in teacher_ids)
