@@ -17,6 +17,7 @@ context window ended early, or futures whose summed rewards differ by less than 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -158,6 +159,8 @@ class BranchPairs:
                 "original_future_reward": sum(theirs), "scorer_model": scorer}
 
     def _problem(self, branch: dict, original: dict) -> tuple[str, str] | None:
+        if math.isnan(branch["future_reward"]) or math.isnan(branch["original_future_reward"]):
+            return "no_turn_reward", "a turn of a future has no reward (the judge's output did not parse)"
         for name, row in (("branch", branch), ("original conversation", original)):
             reason = early_end(row["ended_by"])
             if reason:

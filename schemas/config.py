@@ -297,8 +297,8 @@ class SPINSection(_Section):
 
 
 class BranchingSection(_Section):
-    """Branched rollouts (REFUEL, with sources.refuel): a finished self-chat conversation's future resampled from
-    one of its turns, the two futures scored turn by turn with FLR."""
+    """Branched rollouts (REFUEL, with sources.refuel): a self-chat conversation's future resampled from one of
+    its turns, the two futures scored turn by turn (FLR, or the rubric judge)."""
 
     turns: Literal["uniform", "every"] = Field(default="uniform", description="where a conversation branches: one "
                                                                               "assistant turn picked uniformly at "
@@ -309,6 +309,10 @@ class BranchingSection(_Section):
     seed_offset: int = Field(default=100_003, ge=1, description="a branch samples every turn with the self-chat "
                                                                 "seed of that turn plus this offset")
     seed: int = Field(default=0, description="seeds the choice of the branch turn (turns = uniform)")
+    reward: Literal["flr", "judge"] = Field(default="flr", description="what scores each assistant turn: flr (the "
+                                                                       "scorer model), or judge: models.judge "
+                                                                       "grades it on the [judge] rubrics (mean "
+                                                                       "over judge.aspects, 1-5)")
 
 
 class RaySection(_Section):

@@ -3,11 +3,13 @@ leave the conversations alone, and each branch's pair or reject row (ties, a gat
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
 
 from prefmill.flows.stages import build_stages
+from prefmill.flows.stages.base import ModelRole
 from prefmill.flows.stages.branching import BranchingStage
 from prefmill.operators.branching import Branching, BranchPairs
 from prefmill.operators.candidates import CandidateSampler
@@ -146,6 +148,36 @@ def test_pairs_have_the_shared_prefix_as_prompt_and_one_reward_per_turn():
         assert pair["future_reward_diff"] == pytest.approx(
             sum(pair["chosen_turn_rewards"]) - sum(pair["rejected_turn_rewards"]))
         assert pair["future_reward_diff"] >= 0.5 and pair["source"] == "refuel"
+
+
+def judge_by_length(conv, sampling, k, graded: list) -> str:
+    """A judge whose grade is the length of the response it reads (1-5); its first output does not parse."""
+    response = conv[-1]["content"].split("###Response to evaluate:\n", 1)[1].split("\n", 1)[0]
+    graded.append(response)
+    return "not json" if len(graded) == 1 else json.dumps({"feedback": "ok", "score": min(5, len(response.split()))})
+
+
+class JudgeModels:
+    def chat_model(self, spec, url=None):
+        graded: list[str] = []
+        return ScriptedLM(lambda conv, sampling, k: judge_by_length(conv, sampling, k, graded), name=spec)
+
+
+def test_the_rubric_judge_can_grade_every_turn_and_a_turn_it_cannot_grade_rejects_the_branch():
+    cfg = validate_pipeline_config({"sources": {"refuel": True}, "branching": {"reward": "judge", "margin": 0.0},
+                                    "judge": {"aspects": ["helpfulness"]}, "models": {"judge": "judge-m"}})
+    stage = next(s for s in build_stages(cfg) if s.name == "refuel")
+    assert stage.roles() == {"judge": ModelRole("judge-m")}
+    out = rollout(varied)
+    tables = stage({"conversations": out.conversations, "branches": out.branches}, JudgeModels())
+    pairs, rejects = tables["refuel_pairs"].to_pylist(), tables["refuel_rejects"].to_pylist()
+    assert pairs and len(pairs) + len(rejects) == out.branches.num_rows
+    assert {r["reason"] for r in rejects} <= {"no_turn_reward", "tie"} and "no_turn_reward" in {
+        r["reason"] for r in rejects}
+    for pair in pairs:  # the judge's grade is the turn's length in words, capped at 5
+        turns = [m for m in pair["chosen"] if m["role"] == "assistant"]
+        assert pair["chosen_turn_rewards"] == [float(min(5, len(m["content"].split()))) for m in turns]
+        assert pair["scorer_model"] == "judge-m"
 
 
 def test_futures_that_tie_are_rejected():

@@ -1,8 +1,10 @@
-"""Branched-rollout pairs (REFUEL): every assistant turn of both futures of each branch scored with FLR, the
-summed future rewards compared, a pair or a reject row per branch."""
+"""Branched-rollout pairs (REFUEL): every assistant turn of both futures of each branch scored with FLR (or
+graded by the rubric judge, `branching.reward = "judge"`), the summed future rewards compared, a pair or a
+reject row per branch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -11,6 +13,7 @@ from prefmill.flows.stages.base import ModelRole, Models, Stage
 from prefmill.flows.stages.rewards import follow_up_reward
 from prefmill.operators.branching import BranchPairs, turn_items
 from prefmill.operators.flr import FollowUpReward
+from prefmill.operators.judge import RubricJudge, judge_scores, load_rubrics
 from prefmill.schemas.config import PipelineConfig, settings
 
 
@@ -19,6 +22,7 @@ class BranchingStage(Stage):
     flr: FollowUpReward
     pairing: BranchPairs
     scorer: str
+    judge: RubricJudge | None = None  # with branching.reward = judge: it grades every turn, FLR is not used
 
     name = "refuel"
     label = "branched rollouts (REFUEL)"
@@ -31,15 +35,19 @@ class BranchingStage(Stage):
         if not cfg.sources.refuel:
             return None
         pairing = BranchPairs(**settings(BranchPairs, cfg.branching))
+        if cfg.branching.reward == "judge":
+            judge = RubricJudge(load_rubrics(cfg.judge.rubric_file), **settings(RubricJudge, cfg.judge))
+            return cls(follow_up_reward(cfg), pairing, cfg.models.resolved()["judge"], judge)
         return cls(follow_up_reward(cfg), pairing, cfg.models.resolved()["scorer"])
 
     def roles(self) -> dict[str, ModelRole]:
-        return {"scorer": ModelRole(self.scorer, "scorer")}
+        return {"judge": ModelRole(self.scorer)} if self.judge else {"scorer": ModelRole(self.scorer, "scorer")}
 
     def __call__(self, tables: dict[str, pa.Table], models: Models) -> dict[str, pa.Table]:
         conversations = {row["conversation_id"]: row for row in tables["conversations"].to_pylist()}
         branches = tables["branches"].to_pylist()
-        rewards = self.turn_rewards(turn_items(branches, conversations), models.scorer(self.scorer))
+        items = turn_items(branches, conversations)
+        rewards = self.judged(items, models) if self.judge else self.turn_rewards(items, models.scorer(self.scorer))
         scored, pairs = self.pairing(branches, conversations, rewards, self.scorer)
         return {"branches": scored, "refuel_pairs": pairs.pairs, "refuel_rejects": pairs.rejects}
 
@@ -47,3 +55,8 @@ class BranchingStage(Stage):
         """FLR of every scored turn, by its key."""
         table = self.flr(items, scorer)
         return dict(zip(table.column("candidate_id").to_pylist(), table.column("reward").to_pylist()))
+
+    def judged(self, items: list[dict], models: Models) -> dict[str, float]:
+        """The judge's mean grade of every scored turn, by its key (NaN where an aspect did not parse)."""
+        table = self.judge(items, models.chat_model(self.scorer))
+        return {key: math.nan if score is None else score for key, (score, _) in judge_scores(table).items()}
