@@ -7,7 +7,8 @@ The branches depend on their prefix: a branch at turn h starts once the conversa
 last requests run in a thinning batch. What that dependency chain costs is read as the share of the run's
 wall time after the last conversation's last request, when only branches run (`tail_share`), and (without
 --quick) as the same rollout without branching against its own raw twin. A and B alternate over
-the repeats; the figures are medians with their spread (min..max).
+the repeats; the figures are medians with their spread (min..max). Then the rubric judge's calls/s on the
+rollout's candidates (`judge_calls_s`, and the share of its grades that parsed).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/branching.py --quick   # 8 seeds, short turns, 2 repeats
 """
@@ -26,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.selfchat import CountingLM, raw_generate  # noqa: E402
 from prefmill.operators.branching import Branching  # noqa: E402
 from prefmill.operators.candidates import CandidateSampler  # noqa: E402
+from prefmill.operators.judge import RubricJudge, load_rubrics  # noqa: E402
 from prefmill.operators.rollout import Rollout  # noqa: E402
 from prefmill.operators.seeds import load_seeds  # noqa: E402
 from prefmill.operators.selfchat import SelfChat  # noqa: E402
+from prefmill.schemas.config import JudgeSection  # noqa: E402
 from prefmill.serving.engine import VLLMEngine  # noqa: E402
 
 
@@ -70,6 +73,18 @@ def measure(engine: VLLMEngine, run: Rollout, seeds: list[dict]) -> dict:
             "branch_requests": sum(branch for _, branch in lm.finished), "tail_share": tail / seconds}
 
 
+def judge_rate(engine: VLLMEngine, seeds: list[dict], quick: bool) -> dict:
+    """Rubric-judge calls per second on the engine: the rollout's candidates, each graded on the default
+    aspects (helpfulness alone with --quick) in one batched call, and the share whose grade parsed."""
+    candidates = rollout(None, quick)(seeds, engine).candidates.to_pylist()
+    judge = RubricJudge(load_rubrics(None), aspects=("helpfulness",) if quick else tuple(JudgeSection().aspects))
+    start = time.perf_counter()
+    grades = judge(candidates, engine).column("score").to_pylist()
+    seconds = time.perf_counter() - start
+    return {"judge_calls": len(grades), "judge_calls_s": round(len(grades) / seconds, 2),
+            "judge_parsed_share": round(sum(g is not None for g in grades) / len(grades), 3)}
+
+
 def run_offset(run: Rollout) -> int:
     return run.branching.seed_offset if run.branching else 1 << 62
 
@@ -100,18 +115,21 @@ def main() -> None:
     raw_tok_s = [r["tokens"] / r["raw_seconds"] for r in a]
     ratio, tail = summary(a, "ratio"), summary(a, "tail_share")
     plain_ratio = summary(b, "ratio")["median"] if b else None
+    judged = judge_rate(engine, seeds, args.quick)
     print(f"branched rollout: {a[0]['tokens']} tokens, {a[0]['requests']} requests ({a[0]['branch_requests']} of "
           f"branches, {a[0]['branches']} branches); {statistics.median(tok_s):.1f} tok/s vs raw "
           f"{statistics.median(raw_tok_s):.1f} tok/s: ratio {ratio['median']} ({ratio['min']}..{ratio['max']})")
     print(f"branch-only tail: {tail['median']:.1%} of the wall ({tail['min']:.1%}..{tail['max']:.1%}); same rollout "
           f"without branching: ratio {plain_ratio}")
+    print(f"rubric judge: {judged['judge_calls']} calls, {judged['judge_calls_s']} calls/s, "
+          f"{judged['judge_parsed_share']:.0%} parsed")
     print(json.dumps({"seeds": len(seeds), "repeats": repeats, "quick": args.quick, "branches": a[0]["branches"],
                       "requests": a[0]["requests"], "branch_requests": a[0]["branch_requests"],
                       "output_tokens": a[0]["tokens"], "pipeline_tok_s": round(statistics.median(tok_s), 1),
                       "raw_tok_s": round(statistics.median(raw_tok_s), 1), "ratio_vs_raw": ratio["median"],
                       "ratio_min": ratio["min"], "ratio_max": ratio["max"],
                       "tail_share": tail["median"], "ratio_without_branching": plain_ratio,
-                      "engine_start_s": round(engine.start_seconds, 1)}))
+                      **judged, "engine_start_s": round(engine.start_seconds, 1)}))
     engine.close()
 
 
