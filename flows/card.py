@@ -168,8 +168,10 @@ TRAINING_NOTES = {
     "spin": "SPIN pairs choose the gold answer over iteration `iteration`'s own reply; select earlier iterations' "
             "pairs by SQL (`WHERE iteration < n`) to mix them in.",
     "refuel": "REFUEL pairs continue a shared multi-turn prefix with two whole futures (simulated-user turns "
-              "included): DPO reads them as multi-message chosen/rejected; REFUEL/REBEL-style trainers regress "
-              "`future_reward_diff` (per-turn rewards in `chosen_turn_rewards` / `rejected_turn_rewards`).",
+              "included): DPO reads them as multi-message chosen/rejected, but then puts the simulated user's "
+              "tokens into its loss too, which REFUEL leaves out: prefer a trainer that masks non-assistant "
+              "turns. REFUEL/REBEL-style trainers regress `future_reward_diff` (per-turn rewards in "
+              "`chosen_turn_rewards` / `rejected_turn_rewards`).",
 }
 
 

@@ -1,14 +1,13 @@
 """Export a pairs version as train/test Parquet splits in the layout TRL and `datasets` read.
 
-The files hold TRL's explicit conversational preference format (`prompt` = message list, `chosen` /
-`rejected` = one assistant message each) plus ids, soft labels and each pair's source, which `DPOTrainer` drops
-on its own (`remove_unused_columns`). A Step-DPO pair's prompt ends with an assistant turn (the correct steps
-so far); TRL's template would close that turn and open another, so the export moves it into both replies
-(steps so far + the next step): the shared prefix cancels in the DPO loss, which then weighs only the step.
-IRPO pairs train with DPO plus an NLL term on the chosen side (`DPOConfig(rpo_alpha=1.0)`). Splits are made
-by prompt, so every pair of one prompt lands in the same split and the test split never shares a context with
-training.
-"""
+The files hold TRL's explicit conversational preference format (`prompt` = message list, `chosen` / `rejected`
+= one assistant message each; REFUEL's are whole multi-turn futures, simulated-user turns included) plus ids,
+soft labels and each pair's source, which `DPOTrainer` drops on its own (`remove_unused_columns`). A Step-DPO
+pair's prompt ends with an assistant turn (the correct steps so far); TRL's template would close that turn and
+open another, so the export moves it into both replies (steps so far + the next step): the shared prefix
+cancels in the DPO loss, which then weighs only the step. IRPO pairs train with DPO plus an NLL term on the
+chosen side (`DPOConfig(rpo_alpha=1.0)`). Splits are made by prompt, so every pair of one prompt lands in the
+same split and the test split never shares a context with training."""
 
 from __future__ import annotations
 

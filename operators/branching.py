@@ -181,7 +181,7 @@ class BranchPairs:
         chosen, rejected = sorted(sides, key=lambda side: side[3], reverse=True)
         prompt = list(branch["messages"][:prefix])
         return {"pair_id": stable_id("pair", "refuel", branch["branch_id"], chosen[0], rejected[0]),
-                "prompt_id": stable_id("prompt", prompt), "prompt": prompt,
+                "prompt_id": prompt_id(branch), "prompt": prompt,
                 "chosen": chosen[1][prefix:], "rejected": rejected[1][prefix:],
                 "chosen_candidate_id": chosen[0], "rejected_candidate_id": rejected[0],
                 "score_chosen": chosen[3], "score_rejected": rejected[3], "chosen_reward": chosen[3],
@@ -200,8 +200,13 @@ def early_end(ended_by: str) -> str | None:
     return ended_by if ended_by in EARLY_ENDS else None
 
 
+def prompt_id(branch: dict) -> str:
+    """The shared prefix's id: self-chat's `context_id` of the same prefix (it ends in the conversation's user
+    turn), so the TRL split and dedup see one prompt whichever source a pair came from."""
+    return stable_id("ctx", branch["conversation_id"], branch["prefix_length"] - 1)
+
+
 def _reject(branch: dict, reason: str, detail: str) -> dict:
-    prompt = list(branch["messages"][:branch["prefix_length"]])
-    return {"prompt_id": stable_id("prompt", prompt), "candidate_id": branch["branch_id"],
+    return {"prompt_id": prompt_id(branch), "candidate_id": branch["branch_id"],
             "seed_id": branch["seed_id"], "reason": reason, "detail": detail, "num_candidates": 2,
             "best_margin": abs(branch["future_reward"] - branch["original_future_reward"]), "source": "refuel"}

@@ -24,6 +24,7 @@ from prefmill.schemas.tables import JUDGEMENTS
 from prefmill.serving.protocols import PROMPT_TOO_LONG, Conversation, LanguageModel, Message, Sampling
 
 SCORES = range(1, 6)
+JUDGE_MIDPOINT = 3  # the middle of the 1-5 scale: a turn graded below it counts against its future (REFUEL)
 RUBRIC_KEYS = ("criteria", *(f"score{k}_description" for k in SCORES))
 # the feedback is bounded: a small model at temperature 0 can loop inside a string until max_tokens cuts it
 JUDGE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["feedback", "score"],

@@ -174,9 +174,9 @@ def test_the_rubric_judge_can_grade_every_turn_and_a_turn_it_cannot_grade_reject
     assert pairs and len(pairs) + len(rejects) == out.branches.num_rows
     assert {r["reason"] for r in rejects} <= {"no_turn_reward", "tie"} and "no_turn_reward" in {
         r["reason"] for r in rejects}
-    for pair in pairs:  # the judge's grade is the turn's length in words, capped at 5
+    for pair in pairs:  # the grade is the turn's length in words, capped at 5, less the midpoint 3
         turns = [m for m in pair["chosen"] if m["role"] == "assistant"]
-        assert pair["chosen_turn_rewards"] == [float(min(5, len(m["content"].split()))) for m in turns]
+        assert pair["chosen_turn_rewards"] == [min(5, len(m["content"].split())) - 3.0 for m in turns]
         assert pair["scorer_model"] == "judge-m"
 
 
@@ -232,3 +232,13 @@ def test_multi_turn_pairs_survive_dedup_keys_and_render_through_trl(model_path):
     whole = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
     assert rendered["prompt"] + rendered["chosen"] == whole
     assert all(m["content"] in rendered["chosen"] for m in row["chosen"])
+
+
+def test_a_refuel_pair_shares_its_prompt_id_with_self_chats_context_of_the_same_prefix():
+    out = rollout(varied)
+    contexts = {c["context_id"]: c["context"] for c in out.candidates.to_pylist()}
+    tables = refuel(out, margin=0.0)
+    rows = tables["refuel_pairs"].to_pylist() + tables["refuel_rejects"].to_pylist()
+    last = [r for r in tables["refuel_pairs"].to_pylist() if r["prompt_id"] in contexts]
+    assert rows and last  # a branch at the last turn continues the context self-chat's candidates answer
+    assert all(contexts[r["prompt_id"]] == r["prompt"] for r in last)

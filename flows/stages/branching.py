@@ -13,13 +13,13 @@ from prefmill.flows.stages.base import ModelRole, Models, Stage
 from prefmill.flows.stages.rewards import follow_up_reward
 from prefmill.operators.branching import BranchPairs, turn_items
 from prefmill.operators.flr import FollowUpReward
-from prefmill.operators.judge import RubricJudge, judge_scores, load_rubrics
+from prefmill.operators.judge import JUDGE_MIDPOINT, RubricJudge, judge_scores, load_rubrics
 from prefmill.schemas.config import PipelineConfig, settings
 
 
 @dataclass(frozen=True)
 class BranchingStage(Stage):
-    flr: FollowUpReward
+    flr: FollowUpReward | None  # None when the judge grades the turns
     pairing: BranchPairs
     scorer: str
     judge: RubricJudge | None = None  # with branching.reward = judge: it grades every turn, FLR is not used
@@ -37,7 +37,7 @@ class BranchingStage(Stage):
         pairing = BranchPairs(**settings(BranchPairs, cfg.branching))
         if cfg.branching.reward == "judge":
             judge = RubricJudge(load_rubrics(cfg.judge.rubric_file), **settings(RubricJudge, cfg.judge))
-            return cls(follow_up_reward(cfg), pairing, cfg.models.resolved()["judge"], judge)
+            return cls(None, pairing, cfg.models.resolved()["judge"], judge)
         return cls(follow_up_reward(cfg), pairing, cfg.models.resolved()["scorer"])
 
     def roles(self) -> dict[str, ModelRole]:
@@ -57,6 +57,9 @@ class BranchingStage(Stage):
         return dict(zip(table.column("candidate_id").to_pylist(), table.column("reward").to_pylist()))
 
     def judged(self, items: list[dict], models: Models) -> dict[str, float]:
-        """The judge's mean grade of every scored turn, by its key (NaN where an aspect did not parse)."""
+        """The judge's mean grade of every scored turn less the scale's midpoint, by its key (NaN where an aspect
+        did not parse): an always-positive grade would make the future with more turns win whatever they say,
+        and a user who ended early because they were satisfied would lose."""
         table = self.judge(items, models.chat_model(self.scorer))
-        return {key: math.nan if score is None else score for key, (score, _) in judge_scores(table).items()}
+        return {key: math.nan if score is None else score - JUDGE_MIDPOINT
+                for key, (score, _) in judge_scores(table).items()}
