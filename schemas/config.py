@@ -304,7 +304,7 @@ class BranchingSection(_Section):
                                                                               "assistant turn picked uniformly at "
                                                                               "random (seeded per conversation), or "
                                                                               "every assistant turn")
-    margin: float = Field(default=0.1, ge=0.0, description="two futures whose summed FLR rewards differ by less "
+    margin: float = Field(default=0.1, ge=0.0, description="two futures whose summed turn rewards differ by less "
                                                            "give no pair (a pair_rejects row)")
     seed_offset: int = Field(default=100_003, ge=1, description="a branch samples every turn with the self-chat "
                                                                 "seed of that turn plus this offset")
