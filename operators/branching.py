@@ -75,8 +75,9 @@ class Branching:
         users = [k for k, m in enumerate(dialogues.messages(i)) if m["role"] == "user"]
         conversation, started = dialogues.conversation_id(i), dialogues.branched(i)
         turns = [h for h in self.planned_turns(conversation, dialogues.chat.max_turns) if h < len(users)]
-        if not turns and not started and dialogues.ended(i):
-            turns = self.fallback_turns(conversation, len(assistant_positions(dialogues.messages(i))))
+        if not turns and not started and dialogues.ended(i):  # its planned turn was never reached
+            turns = self.branch_turns(conversation, dialogues.chat.max_turns,
+                                      len(assistant_positions(dialogues.messages(i))))
         return [dialogues.branch(i, users[h] + 1, self.seed_offset) for h in turns if users[h] + 1 not in started]
 
     def table(self, dialogues: Dialogues) -> pa.Table:
