@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 from prefect import Flow, flow, task
@@ -41,6 +41,7 @@ from prefmill.serving.factory import open_pool as serving_pool
 from prefmill.serving.hosts import StepRun
 from prefmill.serving.models import model_identity
 from prefmill.serving.placement import Plan
+from prefmill.serving.protocols import Embedder
 from prefmill.storage.catalog import Catalog
 from prefmill.storage.shards import ShardStore, StoredShard
 
@@ -112,6 +113,11 @@ class RunModels:
             if self.lent is None and self.owned is None:
                 self.owned = open_pool(self.cfg, self.plan)
             return self.lent if self.lent is not None else self.owned
+
+    def opened(self) -> Any:
+        """The pool if one is lent or was opened already, else None (never opens one)."""
+        with self.lock:
+            return None if self.closed else self.lent if self.lent is not None else self.owned
 
     def __enter__(self) -> RunModels:
         return self
@@ -194,14 +200,15 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None, repor
     plan = plan_for(cfg, stages=stages)  # before any model loads: an impossible placement fails here
     result.placement = plan.summary()
     result.model_ids = model_identities(cfg, stages)
-    with RunModels(cfg, pool, plan) as models:
+    with RunModels(cfg, pool, plan) as models:  # open until dedup: a big ray run embeds on the actors
         shards = run_stages(stages, shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()), result,
                             reporter)
-    tables = collect(shards, seeds, quarantine)
-    mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id,
-                  result.model_ids[cfg.models.assistant])
-    deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id,
-                    plan.device_of("embedder") or "cpu")
+        tables = collect(shards, seeds, quarantine)
+        mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id,
+                      result.model_ids[cfg.models.assistant])
+        embedder = dedup_embedder(cfg, models, plan, mined.pairs.num_rows)
+        deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id, embedder)
+    result.embedding = embedder.summary()
     result.tables = published_tables(cfg, stages, tables, mined, deduped)
     result.card = dataset_card(cfg, result)
     result.versions = timed(result, "publish", publish, cfg, catalog, result)
@@ -339,11 +346,42 @@ def with_values(table: pa.Table, values: dict[str, Any]) -> pa.Table:
     return table
 
 
+class DedupEmbedder:
+    """The run's dedup `Embedder`, opened on its first texts (a run without pairs loads none): on the Ray actors
+    or in this process (`where`); counts the texts it embedded and their seconds for the run summary."""
+
+    def __init__(self, name: str, where: str, opener: Callable[[], Embedder]):
+        self.name, self.where, self.opener, self.embedder = name, where, opener, None
+        self.texts, self.seconds = 0, 0.0
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        started = time.perf_counter()
+        self.embedder = self.embedder or self.opener()
+        vectors = self.embedder.embed(texts)
+        self.texts, self.seconds = self.texts + len(texts), self.seconds + time.perf_counter() - started
+        return vectors
+
+    def summary(self) -> dict:
+        return {"on": self.where, "texts": self.texts, "seconds": round(self.seconds, 1)}
+
+
+def dedup_embedder(cfg: PipelineConfig, models: RunModels, plan: Plan, pairs: int) -> DedupEmbedder:
+    """On the Ray actors for a run of at least `dedup.actor_embed_min_pairs` pairs whose pool is open (a run
+    whose stages were all cached starts no engines just to embed), else in this process on the plan's device."""
+    from prefmill.serving.embedder import PoolEmbedder, SentenceTransformerEmbedder
+
+    spec, pool = cfg.models.embedder, models.opened()
+    if cfg.backend == "ray" and pool is not None and pairs >= cfg.dedup.actor_embed_min_pairs:
+        return DedupEmbedder(spec, "actors", lambda: PoolEmbedder(pool, spec))
+    device = plan.device_of("embedder") or "cpu"
+    return DedupEmbedder(spec, "driver", lambda: SentenceTransformerEmbedder(spec, device=device))
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
-def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str, device: str = "cpu"
+def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str, embedder: Embedder | None = None
                 ) -> DedupResult:
-    """Drop pairs that repeat each other or a pair already published in the target dataset, embedding on
-    `device` (the plan's: a GPU with room, else the CPU)."""
+    """Drop pairs that repeat each other or a pair already published in the target dataset, embedding with
+    `embedder` (the run's `dedup_embedder`; None: the config's embedder in this process, on CPU)."""
     from prefmill.serving.ann import make_index
     from prefmill.serving.embedder import SentenceTransformerEmbedder
 
@@ -352,7 +390,7 @@ def dedup_pairs(cfg: PipelineConfig, catalog: Catalog, pairs: pa.Table, run: str
     name = f"{cfg.dataset}_embeddings"
     known = catalog.exists() and name in {v.dataset for v in catalog.datasets()}
     published = catalog.read(name, with_version=True) if known else None  # any other catalog error surfaces
-    embedder = SentenceTransformerEmbedder(cfg.models.embedder, device=device)
+    embedder = embedder or SentenceTransformerEmbedder(cfg.models.embedder)
     if published is not None and not has_pair_vectors(published):
         published = with_pair_vectors(published, catalog.read(cfg.dataset), embedder)
     return Deduper(**settings(Deduper, cfg.dedup))(pairs, embedder, make_index, published, run_id=run)

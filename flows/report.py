@@ -54,12 +54,13 @@ def counts(result: RunResult, dataset: str) -> dict[str, int]:
 
 def summary_dict(result: RunResult, dataset: str) -> dict:
     """The run summary as plain data, for scripts (`prefmill run --summary-json`): the stage table with each
-    stage's own wall seconds, each step's wall seconds (pairs, dedup and publish too), the rows per table,
-    the published versions and the run's wall seconds."""
+    stage's own wall seconds, each step's wall seconds (pairs, dedup and publish too), where dedup embedded
+    and how many texts, the rows per table, the published versions and the run's wall seconds."""
     return {"run_id": result.run_id, "config_hash": result.config_hash,
             "already_published": result.already_published,
             "stages": {row.pop("stage"): row for row in stage_rows(result)},
             "step_wall_s": {step: round(seconds, 1) for step, seconds in result.stage_wall.items()},
+            "dedup_embedding": result.embedding,
             "counts": counts(result, dataset), "versions": result.versions, "placement": result.placement,
             "wall_s": round(result.wall_seconds, 1)}
 
@@ -109,6 +110,9 @@ def print_summary(console: Console, cfg: PipelineConfig, result: RunResult) -> N
             console.print(f"{label}: min {min(values):.3f}  mean {fmean(values):.3f}  max {max(values):.3f}")
     if result.placement.get("devices"):
         console.print(placement_line(result.placement))
+    if result.embedding.get("texts"):
+        console.print(f"dedup embedded {result.embedding['texts']} texts on the {result.embedding['on']} in "
+                      f"{result.embedding['seconds']} s")
     console.print(f"wall time {result.wall_seconds:.1f} s")
     console.print("Query it: " + sql_hint(cfg.dataset, result.versions.get(cfg.dataset)))
 

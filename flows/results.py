@@ -36,6 +36,7 @@ class RunResult:
     card: str = ""
     placement: dict = field(default_factory=dict)  # the placement plan's summary (devices empty: CPU)
     model_ids: dict[str, str] = field(default_factory=dict)  # spec → spec@hash of its files (`model_identity`)
+    embedding: dict = field(default_factory=dict)  # where dedup embedded: {"on": "actors"/"driver", "texts", "seconds"}
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:

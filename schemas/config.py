@@ -231,6 +231,12 @@ class DedupSection(_Section):
     neighbors: int = Field(default=16, ge=1, description="nearest neighbours searched per pair in the index")
     on: DedupOn = Field(default="pair", description="pair: a duplicate has a similar prompt and a similar chosen "
                                                     "reply; prompt: a similar prompt alone, whatever it answers")
+    actor_embed_min_pairs: int = Field(default=2000, ge=0,
+                                       description="with backend ray, a run that mined at least this many pairs "
+                                                   "embeds them for dedup on its Ray actors, in chunks at once; "
+                                                   "fewer pairs, another backend or a run whose stages were all "
+                                                   "cached (no actors started) embed in the driver process, on "
+                                                   "the placement's embedder device")
 
 
 class SourcesSection(_Section):
@@ -426,7 +432,7 @@ class PipelineConfig(_Section):
 
 _PLACEMENT = {"backend", "url", "ray", "placement", "catalog", "result_storage", "run_id"}
 _NOT_HASHED = ({key: True for key in _PLACEMENT}  # where and how fast, not what
-               | {"flr": {"prefix_batch"}, "models": {"teacher_url"}})
+               | {"flr": {"prefix_batch"}, "models": {"teacher_url"}, "dedup": {"actor_embed_min_pairs"}})
 
 
 def load_pipeline_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:

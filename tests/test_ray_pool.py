@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from prefmill.serving.embedder import PoolEmbedder
 from prefmill.serving.protocols import Sampling
 from prefmill.serving.ray_pool import in_input_order, split_evenly
 
@@ -25,6 +27,24 @@ def test_pool_scores_like_the_engine(ray_pool, engine):
     assert len(want) == 3 and all(want)
     for got_row, want_row in zip(got, want, strict=True):
         assert got_row == pytest.approx(want_row, abs=1e-4)
+
+
+def loaded_embedders(texts, host) -> list[str]:
+    """A pool step: the embedder specs the host it runs on holds."""
+    return sorted(host.host._embedders)
+
+
+def test_the_actors_embed_like_the_driver_in_input_order(ray_pool, embedder):
+    import ray
+
+    texts = [f"Fact {i}: river {i} flows {'north' if i % 3 else 'south'} past {i * 7} towns." for i in range(40)]
+    on_actors = PoolEmbedder(ray_pool, embedder.name, chunk_size=8)  # 5 chunks, both actors at once
+    vectors = on_actors.embed(texts)
+    assert on_actors.name == embedder.name and vectors.shape == (40, 384) and vectors.dtype == np.float32
+    assert np.allclose(vectors, embedder.embed(texts), atol=1e-5)
+    held = [run.value for run in ray.get([actor.run.remote(loaded_embedders, None) for actor in ray_pool.actors])]
+    assert held == [[embedder.name]] * 2  # each actor embedded a chunk, and keeps its embedder
+    assert on_actors.embed([]).shape == (0, 384)
 
 
 def test_split_evenly_keeps_order_and_balance():
