@@ -9,8 +9,9 @@
    (same encoder, its default usearch index) fits on the old texts (prompt + reply as one) and
    deduplicates the new ones against them, so it embeds both;
 4. 1M synthetic 384-d vectors with planted near duplicates: the ANN index build + search of every
-   vector, old path (faiss's add and per-query search) against new (`add_search`: one list assignment, a
-   list-batched search), alternated over `--repeats`, recall against exact search on a sample; then the
+   vector, old path (faiss's own training, add and per-query search) against new (`make_index`: k-means and
+   list assignment in bf16 where the CPU has it, one assignment for add and search, a list-batched search),
+   alternated over `--repeats`, recall against exact search on a sample; then the
    Deduper itself on them as 1M pairs, per-query against list-batched search, with the same removals.
    `--index-only` runs just this part (no encoder).
 `--compare-index` also times usearch HNSW (what semhash and DuckDB's vss run) against faiss IVF.
@@ -36,7 +37,7 @@ import pyarrow as pa
 from prefmill.operators.dedup import Deduper, prompt_text, reply_text
 from prefmill.operators.seeds import BUILTIN_SEEDS
 from prefmill.schemas.tables import PAIRS
-from prefmill.serving.ann import FaissIndex, make_index
+from prefmill.serving.ann import FaissIndex, coarse_dtype, make_index
 from prefmill.serving.embedder import SentenceTransformerEmbedder
 
 SYNONYMS = {"value": "number", "function": "routine", "object": "instance", "method": "procedure",
@@ -169,33 +170,45 @@ def synthetic_vectors(n: int, dim: int = 384, seed: int = 0) -> tuple[np.ndarray
 
 
 def ann_search(n: int, repeats: int, sample: int = 1000) -> dict:
-    """Build + search every vector for its nearest other: faiss's own add and per-query search (old) against
-    `add_search` (one list assignment, list-batched search; new), alternated on one trained index; the
-    same neighbours, recall against exact search."""
+    """Build an index of every vector and search each for its nearest other, alternated over `repeats`: faiss's
+    own path (float32 k-means training, its quantizer's assignment, per-query search; old) against
+    `make_index` + `add_search` (bf16 k-means and assignment where the CPU has native bf16, one list
+    assignment, list-batched search; new); recall of each against exact search and the planted copies."""
     x, dups, sources = synthetic_vectors(n)
-    start = time.perf_counter()
-    trained = make_index(x.shape[1], x)
-    train_s = time.perf_counter() - start
     seconds: dict[str, list[float]] = {"old": [], "new": []}
     found = {}
     for _ in range(repeats):
-        for path, run in (("old", plain_add_search), ("new", lambda index: index.add_search(x, 2))):
-            index = trained.emptied()
+        for path, run in (("old", faiss_own_build_search), ("new", build_add_search)):
             start = time.perf_counter()
-            found[path] = run(index) if path == "new" else run(index, x)
+            found[path] = run(x)
             seconds[path].append(time.perf_counter() - start)
-    ids = found["new"][1]
     picks = np.random.default_rng(1).choice(n, sample, replace=False)
-    return {f"search_{n}_train_s": train_s, **spread(f"search_{n}", seconds),
-            "same_neighbours": float((found["old"][1] == ids).mean()),
-            "ann_recall_vs_exact": float(np.mean([nearest_other(x, p) in ids[p] for p in picks])),
-            "ann_planted_recall": float(np.mean([s in ids[d] for d, s in zip(dups, sources)])), "ann_vectors": n}
+    exact = [nearest_other(x, p) for p in picks]
+    return {**spread(f"search_{n}", seconds), "coarse_dtype": str(coarse_dtype()), "ann_vectors": n,
+            **{f"ann_recall_vs_exact_{path}": float(np.mean([e in ids[p] for e, p in zip(exact, picks)]))
+               for path, ids in found.items()},
+            **{f"ann_planted_recall_{path}": float(np.mean([s in ids[d] for d, s in zip(dups, sources)]))
+               for path, ids in found.items()}}
 
 
-def plain_add_search(index: FaissIndex, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The old path: faiss's own add and search (its quantizer, then one query at a time)."""
-    index.index.add(x)
-    return index.index.search(x, 2)
+def build_add_search(x: np.ndarray) -> np.ndarray:
+    """prefmill's path: `make_index` trained on `x`, then one `add_search`; the neighbour ids."""
+    return make_index(x.shape[1], x).add_search(x, 2)[1]
+
+
+def faiss_own_build_search(x: np.ndarray) -> np.ndarray:
+    """The old path: faiss trains the same IVF on the same sample, adds and searches one query at a time."""
+    import faiss
+
+    from prefmill.serving.ann import KMEANS_ITERATIONS, NPROBE, TRAIN_PER_LIST, _training_sample
+
+    nlist = int(4 * math.sqrt(len(x)))
+    index = faiss.index_factory(x.shape[1], f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.min_points_per_centroid = 0, KMEANS_ITERATIONS, TRAIN_PER_LIST
+    index.train(_training_sample(x, nlist * TRAIN_PER_LIST))
+    index.nprobe = NPROBE
+    index.add(x)
+    return index.search(x, 2)[1]
 
 
 def spread(name: str, seconds: dict[str, list[float]]) -> dict:

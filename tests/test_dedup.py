@@ -9,11 +9,13 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
+from faiss.contrib.ivf_tools import add_preassigned, search_preassigned
 
 from prefmill.operators.dedup import Deduper, dedup_key, vectors_of
 from prefmill.operators.seeds import BUILTIN_SEEDS
 from prefmill.schemas.tables import DEDUP_REMOVED, PAIR_EMBEDDINGS, PAIRS
-from prefmill.serving.ann import FaissIndex, make_index
+from prefmill.serving.ann import FaissIndex, make_index, nearest_lists, spherical_kmeans
 
 SEEDS = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()]
 PARAPHRASES = {  # seed index → (question, answer) written in other words: the same pair, every fact kept
@@ -257,17 +259,42 @@ def test_the_list_batched_search_finds_the_same_duplicates_as_the_plain_search_a
     assert len(found.keys() - dups.keys()) == 0 and len(found.items() & dups.items()) >= 0.95 * len(dups)
 
 
-def test_add_search_returns_the_neighbours_of_faiss_own_search():
+def test_add_search_returns_the_neighbours_of_faiss_own_search_over_the_same_lists():
     rng = np.random.default_rng(1)
     x = unit(rng.standard_normal((6000, 48)))
     x[3000:] = unit(x[:3000] + 0.05 * rng.standard_normal((3000, 48)))
     batched = FaissIndex(48, x, exact_limit=1000, list_batch=0)
     sims, ids = batched.add_search(x, 3)
     reference = batched.emptied()
-    reference.index.add(x)  # faiss's own assignment and per-query search
-    plain_sims, plain_ids = reference.index.search(x, 3)
+    lists = nearest_lists(x, batched.centroids, batched.index.nprobe)
+    add_preassigned(reference.index, x, np.ascontiguousarray(lists[:, 0]))
+    plain_sims, plain_ids = search_preassigned(reference.index, x, 3, lists)  # faiss's per-query search
     assert (ids == plain_ids).mean() > 0.999 and np.allclose(sims, plain_sims, atol=1e-5)
     assert (ids[3000:, 1] == np.arange(3000)).mean() > 0.95 and len(reference) == len(batched) == 6000
+
+
+def test_the_coarse_lists_are_the_float32_nearest_up_to_bf16_rounding():
+    rng = np.random.default_rng(2)
+    x, centroids = unit(rng.standard_normal((5000, 48))), unit(rng.standard_normal((300, 48)))
+    exact = x @ centroids.T
+    chosen = np.take_along_axis(exact, nearest_lists(x, centroids, 4), 1)
+    assert np.abs(chosen - -np.sort(-exact, axis=1)[:, :4]).max() < 0.02  # bf16 keeps 8 significant bits
+    assert (np.diff(chosen, axis=1) <= 0.02).all() and (chosen[:, 0] == exact.max(axis=1)).mean() > 0.95
+
+
+def test_without_native_bf16_the_coarse_lists_are_the_exact_float32_nearest(monkeypatch):
+    rng = np.random.default_rng(2)
+    x, centroids = unit(rng.standard_normal((3000, 48))), unit(rng.standard_normal((300, 48)))
+    monkeypatch.setattr("prefmill.serving.ann.coarse_dtype", lambda: torch.float32)
+    assert np.array_equal(nearest_lists(x, centroids, 4), np.argsort(-(x @ centroids.T), axis=1)[:, :4])
+
+
+def test_k_means_gives_the_same_unit_centroids_for_the_same_sample():
+    sample = unit(np.random.default_rng(3).standard_normal((3000, 32)))
+    centroids = spherical_kmeans(sample, 40)
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)
+    assert np.array_equal(centroids, spherical_kmeans(sample, 40))
+    assert not np.array_equal(centroids, spherical_kmeans(sample, 40, seed=1))
 
 
 LEGACY_EMBEDDINGS = pa.schema([("pair_id", pa.string()), ("prompt_id", pa.string()), ("dedup_key", pa.string()),
