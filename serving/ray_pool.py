@@ -84,14 +84,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     )
 
 
-def cluster_devices(address: str | None = None) -> tuple[Device, ...]:
+def cluster_devices(address: str | None = None, gpu_memory: Any = None) -> tuple[Device, ...]:
     """The GPUs of every live node of the Ray cluster at `address`, each node's GPU memory read there by a
-    one-GPU task (Ray's resources count GPUs, not their memory)."""
+    one-GPU task (Ray's resources count GPUs, not their memory): `gpu_memory`, a Ray remote function giving
+    the bytes of the GPU it gets (default: torch's view of it)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ensure_ray(address, log_to_driver=False)
+    reader = gpu_memory or _gpu_memory
     gpu_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]
-    memory = ray.get([_gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+    memory = ray.get([reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                       .remote() for n in gpu_nodes])
     return tuple(Device(k, mem, node["NodeID"][:12]) for node, mem in zip(gpu_nodes, memory)
                  for k in range(int(node["Resources"]["GPU"])))

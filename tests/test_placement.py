@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -257,3 +261,45 @@ def test_a_run_whose_plan_cannot_fit_fails_before_any_model_loads(monkeypatch, t
     with pytest.raises(PlacementError, match="GiB"):
         pipeline.run_pipeline(cfg, pool=NoPool())
     assert not (tmp_path / "results").exists()
+
+
+TWO_GPU_NODES = """
+import json
+import ray
+from ray.cluster_utils import Cluster
+from prefmill.serving.ray_pool import cluster_devices
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2, "include_dashboard": False})
+cluster.add_node(num_cpus=1, num_gpus=1)
+cluster.wait_for_nodes()
+head = cluster.head_node.node_id
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def gpu_memory():  # what torch would read there: 80 GiB on the head's GPUs, 40 GiB on the other node's
+    return (80 if ray.get_runtime_context().get_node_id() == head else 40) * 2**30
+
+try:
+    devices = cluster_devices(cluster.address, gpu_memory)
+    print(json.dumps({"head": head[:12], "devices": [[d.index, d.memory // 2**30, d.node] for d in devices]}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_cluster_devices_reads_every_gpu_node_of_a_real_two_node_cluster_where_it_is():
+    """Two Ray nodes (Ray's own multi-node test cluster, GPUs declared as resources): every GPU of each node
+    comes back with the memory read on that node. Run in its own process, away from the suite's Ray runtime."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's sockets need a short path; its files stay here
+    try:
+        done = subprocess.run([sys.executable, "-c", TWO_GPU_NODES], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    by_node: dict[str, list] = {}
+    for index, gib, node in found["devices"]:
+        by_node.setdefault(node, []).append((index, gib))
+    assert len(by_node) == 2 and sorted(by_node.pop(found["head"])) == [(0, 80), (1, 80)]
+    assert list(by_node.values()) == [[(0, 40)]]
