@@ -14,10 +14,13 @@ orchestration overhead. Last line: one JSON object of the figures.
 - `--seeds N --fake-model`: N distinct seeds on models that answer at once (bench/instant_model.py); the flow's
   wall (without pairs, dedup, publish) minus the same steps called directly is orchestration: seconds per 1k
   seeds and ms per stage task.
+- `--embed-texts N`: dedup's embedding of N texts in this process against on the `ray.actors` Ray actors of a
+  big ray run (`PoolEmbedder`, `dedup.actor_embed_min_pairs`): texts/s, first call (embedder load) and warm.
 Results go to a fresh catalog and result storage, so nothing is served from an earlier run's cache.
 
     .venv/bin/python bench/pipeline.py [--set key=value ...]
     .venv/bin/python bench/pipeline.py --seeds 10000 --fake-model [--set shard_size=64]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pipeline.py --embed-texts 4000 --set ray.actors=2
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--seeds", type=int, default=0, metavar="N", help="N distinct seeds (built-in ones, numbered)")
     parser.add_argument("--fake-model", action="store_true", help="models that answer at once: orchestration only")
+    parser.add_argument("--embed-texts", type=int, default=0, metavar="N",
+                        help="dedup's embedding of N texts: this process vs the Ray actors")
     return parser.parse_args()
 
 
@@ -97,6 +102,9 @@ def main() -> None:
     seeds = [f'seeds.path="{seed_file(args.seeds, work)}"', f"seeds.limit={args.seeds}"] if args.seeds else []
     cfg = load_pipeline_config(DEMO, [f'catalog="{work / "catalog"}"', f'result_storage="{work / "results"}"',
                                       *seeds, *args.set])
+    if args.embed_texts:
+        print(json.dumps(embedding(cfg, args.embed_texts)))
+        return
     print(json.dumps(orchestration(cfg) if args.fake_model else demo(cfg)))
 
 
@@ -108,6 +116,39 @@ def seed_file(n: int, folder: Path) -> Path:
     path = folder / "seeds.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in numbered))
     return path
+
+
+def embedding(cfg, n: int) -> dict:
+    """Texts/s of dedup's embedder on `n` numbered seed texts: in this process, then on the config's Ray actors
+    (their engines started first, not timed); each side's first call loads its embedder, the second is warm."""
+    from prefmill.flows.pipeline import open_pool
+    from prefmill.serving.embedder import PoolEmbedder, SentenceTransformerEmbedder
+
+    builtin = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()]
+    texts = [f"{builtin[k % len(builtin)]['documents'][0]} (#{k})" for k in range(n)]
+    driver = timed_embeds(lambda: SentenceTransformerEmbedder(cfg.models.embedder), texts)
+    pool = open_pool(cfg.model_copy(update={"backend": "ray"}))
+    try:
+        actors = timed_embeds(lambda: PoolEmbedder(pool, cfg.models.embedder), texts)
+    finally:
+        pool.shutdown()
+    out = {"texts": n, "actors": pool.config.actors, "driver": driver, "on_actors": actors,
+           "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), "load_1min": os.getloadavg()[0]}
+    print(f"{n} texts: driver {driver['warm_texts_per_s']} texts/s warm, {pool.config.actors} actors "
+          f"{actors['warm_texts_per_s']} texts/s warm")
+    return out
+
+
+def timed_embeds(opener, texts: list[str]) -> dict:
+    """An embedder's first call (opening it included) and a second, warm one, over `texts`."""
+    started = time.perf_counter()
+    embedder = opener()
+    embedder.embed(texts)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    embedder.embed(texts)
+    warm = time.perf_counter() - started
+    return {"first_s": round(first, 2), "warm_s": round(warm, 2), "warm_texts_per_s": round(len(texts) / warm, 1)}
 
 
 def stage_compute(result) -> float:
