@@ -19,6 +19,7 @@ from prefmill.flows.placement import plan_for
 from prefmill.schemas.config import EngineConfig, PipelineConfig, PlacementSection
 from prefmill.serving.hosts import ModelHost
 from prefmill.serving.placement import (
+    Device,
     PlacementError,
     Role,
     ScorerLoad,
@@ -287,9 +288,10 @@ finally:
 """
 
 
-def test_cluster_devices_reads_every_gpu_node_of_a_real_two_node_cluster_where_it_is():
+def test_cluster_devices_reads_every_gpu_node_of_a_real_two_node_cluster_and_the_plan_fits_the_smallest():
     """Two Ray nodes (Ray's own multi-node test cluster, GPUs declared as resources): every GPU of each node
-    comes back with the memory read on that node. Run in its own process, away from the suite's Ray runtime."""
+    comes back with the memory read on that node, and a plan over them sizes every actor for the smaller node
+    and counts one actor per GPU on each. Run in its own process, away from the suite's Ray runtime."""
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's sockets need a short path; its files stay here
     try:
         done = subprocess.run([sys.executable, "-c", TWO_GPU_NODES], capture_output=True, text=True, timeout=300,
@@ -302,4 +304,10 @@ def test_cluster_devices_reads_every_gpu_node_of_a_real_two_node_cluster_where_i
     for index, gib, node in found["devices"]:
         by_node.setdefault(node, []).append((index, gib))
     assert len(by_node) == 2 and sorted(by_node.pop(found["head"])) == [(0, 80), (1, 80)]
-    assert list(by_node.values()) == [[(0, 40)]]
+    [(other, gpus)] = by_node.items()
+    assert gpus == [(0, 40)]
+    devices = tuple(Device(index, gib * 2**30, node) for index, gib, node in found["devices"])
+    placed = plan_placement([Role(*r) for r in run_roles("llama-8b", "llama-8b", "llama-8b")], devices,
+                            SIZES.__getitem__, EngineConfig(), PlacementSection(), LOAD)
+    assert placed.gpus == 1 and placed.actors_per_node() == {found["head"]: 2, other: 1}  # sized for 40 GiB
+    assert_fits(placed)
