@@ -291,10 +291,12 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--compare-index", type=int, default=0, metavar="N", help="also time usearch vs faiss on N")
     parser.add_argument("--index-only", action="store_true", help="only the index and the operator on vectors")
+    parser.add_argument("--operator-repeats", type=int, default=1, help="alternations of the Deduper's two searches "
+                                                                        "(each a full dedup of --vectors pairs)")
     args = parser.parse_args()
     rows_n, vectors_n = (2_000, 200_000) if args.quick else (args.rows, args.vectors)
     if args.index_only:
-        figures = ann_search(vectors_n, args.repeats) | operator_pass(vectors_n, args.repeats)
+        figures = ann_search(vectors_n, args.repeats) | operator_pass(vectors_n, args.operator_repeats)
         print(json.dumps(figures | {"load_1min": os.getloadavg()[0]}))
         return
     embedder = SentenceTransformerEmbedder()
