@@ -40,9 +40,9 @@ from prefmill.serving.hosts import StepRun
 from prefmill.storage.shards import ShardStore, StoredShard
 
 REPO = Path(__file__).resolve().parents[1]
-# config fields a stage reads itself (the rest of each section is its operator's settings)
+# config fields a stage (or the flow) reads itself (the rest of each section is its operator's settings)
 STAGE_LEVEL = {CandidatesSection: {"contexts"}, CritiquesSection: {"enabled", "select", "top_k", "documents"},
-               FLRSection: {"followups", "prefix_batch"}}
+               FLRSection: {"followups", "prefix_batch"}, DedupSection: {"actor_embed_min_pairs"}}
 OPERATORS = [(SelfChat, SelfChatSection), (CandidateSampler, CandidatesSection), (ClaimCritic, CritiquesSection),
              (FollowUpReward, FLRSection), (PairMiner, PairsSection), (Deduper, DedupSection)]
 
