@@ -366,14 +366,16 @@ class DedupEmbedder:
 
 
 def dedup_embedder(cfg: PipelineConfig, models: RunModels, plan: Plan, pairs: int) -> DedupEmbedder:
-    """On the Ray actors for a run of at least `dedup.actor_embed_min_pairs` pairs whose pool is open (a run
-    whose stages were all cached starts no engines just to embed), else in this process on the plan's device."""
+    """On the Ray actors (on the plan's embedder device there) for a run of at least
+    `dedup.actor_embed_min_pairs` pairs whose pool is open (a run whose stages were all cached starts no engines
+    just to embed), else in this process: on the plan's device with backend engine, on CPU otherwise (a ray
+    plan's devices are the actors', and a Ray driver may have no GPU)."""
     from prefmill.serving.embedder import PoolEmbedder, SentenceTransformerEmbedder
 
     spec, pool = cfg.models.embedder, models.opened()
     if cfg.backend == "ray" and pool is not None and pairs >= cfg.dedup.actor_embed_min_pairs:
         return DedupEmbedder(spec, "actors", lambda: PoolEmbedder(pool, spec))
-    device = plan.device_of("embedder") or "cpu"
+    device = (plan.device_of("embedder") if cfg.backend == "engine" else None) or "cpu"
     return DedupEmbedder(spec, "driver", lambda: SentenceTransformerEmbedder(spec, device=device))
 
 

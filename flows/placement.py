@@ -25,10 +25,8 @@ def plan_for(cfg: PipelineConfig, devices: str | None = None, stages: list[Stage
     `plan.summary()` with the run."""
     inventory = parse_devices(devices) if devices is not None else machine_devices(cfg)
     section = cfg.placement
-    if cfg.backend != "engine":  # dedup embeds in the driver, not on the actors or the server
-        section = section.model_copy(update={"embedder_device": "cpu"})
-    if cfg.backend == "http":  # the server holds the chat models; only the scorer is ours
-        section = section.model_copy(update={"flr_scorer": "transformers"})
+    if cfg.backend == "http":  # the server holds the chat models; only the scorer and the driver's embedder are ours
+        section = section.model_copy(update={"flr_scorer": "transformers", "embedder_device": "cpu"})
     followups = load_followups(cfg.flr.followups) if cfg.flr.followups else load_followups()
     load = ScorerLoad(cfg.flr.prefix_batch * len(followups), cfg.flr.max_tokens)
     return plan_placement(run_roles(cfg, stages), inventory, spec_size, cfg.engine, section, load)

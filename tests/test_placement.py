@@ -311,3 +311,11 @@ def test_cluster_devices_reads_every_gpu_node_of_a_real_two_node_cluster_and_the
                             SIZES.__getitem__, EngineConfig(), PlacementSection(), LOAD)
     assert placed.gpus == 1 and placed.actors_per_node() == {found["head"]: 2, other: 1}  # sized for 40 GiB
     assert_fits(placed)
+
+
+def test_a_ray_plan_puts_the_actors_embedder_on_their_gpu_and_an_http_run_embeds_on_the_drivers_cpu():
+    """On ray the plan's devices are the actors' (they embed a big run's dedup); with http only the driver
+    embeds, and a driver need not have a GPU."""
+    assert plan_for(PipelineConfig(backend="ray"), "1x80GiB").device_of("embedder") == "cuda:0"
+    http = PipelineConfig(backend="http", url="http://127.0.0.1:8000/v1")
+    assert plan_for(http, "1x80GiB").device_of("embedder") == "cpu"
