@@ -114,15 +114,14 @@ class RunModels:
                 self.owned = open_pool(self.cfg, self.plan)
             return self.lent if self.lent is not None else self.owned
 
-    def opened(self) -> Any:
-        """The pool if one is lent or was opened already, else None (never opens one)."""
-        with self.lock:
-            return None if self.closed else self.lent if self.lent is not None else self.owned
-
     def __enter__(self) -> RunModels:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut the owned pool down (a lent one is its lender's); no pool opens after this."""
         with self.lock:
             owned, self.owned, self.lent, self.closed = self.owned, None, None, True
         if owned is not None:
@@ -200,13 +199,15 @@ def run_pipeline(cfg: PipelineConfig, run_key: str = "", pool: Any = None, repor
     plan = plan_for(cfg, stages=stages)  # before any model loads: an impossible placement fails here
     result.placement = plan.summary()
     result.model_ids = model_identities(cfg, stages)
-    with RunModels(cfg, pool, plan) as models:  # open until dedup: a big ray run embeds on the actors
+    with RunModels(cfg, pool, plan) as models:  # open until dedup when a big ray run embeds on the actors
         shards = run_stages(stages, shard_seeds(cfg, seeds), models, ShardStore(cfg.results_path()), result,
                             reporter)
         tables = collect(shards, seeds, quarantine)
         mined = timed(result, "pairs", all_pairs, cfg, stages, tables, result.run_id,
                       result.model_ids[cfg.models.assistant])
         embedder = dedup_embedder(cfg, models, plan, mined.pairs.num_rows)
+        if embedder.where == "driver":
+            models.close()  # a dedup in this process needs none of the run's models
         deduped = timed(result, "dedup", dedup_pairs, cfg, catalog, mined.pairs, result.run_id, embedder)
     result.embedding = embedder.summary()
     result.tables = published_tables(cfg, stages, tables, mined, deduped)
@@ -366,15 +367,16 @@ class DedupEmbedder:
 
 
 def dedup_embedder(cfg: PipelineConfig, models: RunModels, plan: Plan, pairs: int) -> DedupEmbedder:
-    """On the Ray actors (on the plan's embedder device there) for a run of at least
-    `dedup.actor_embed_min_pairs` pairs whose pool is open (a run whose stages were all cached starts no engines
-    just to embed), else in this process: on the plan's device with backend engine, on CPU otherwise (a ray
-    plan's devices are the actors', and a Ray driver may have no GPU)."""
+    """On the Ray actors (on the plan's embedder device there) for a ray run of at least
+    `dedup.actor_embed_min_pairs` pairs: a resumed run whose stages were all cached opens its pool on the
+    first texts, so it embeds where the first attempt did (a driver's CPU would be hours at that size, and
+    its vectors may differ in the last digits). Else in this process: on the plan's device with backend
+    engine, on CPU otherwise (a ray plan's devices are the actors', and a Ray driver may have no GPU)."""
     from prefmill.serving.embedder import PoolEmbedder, SentenceTransformerEmbedder
 
-    spec, pool = cfg.models.embedder, models.opened()
-    if cfg.backend == "ray" and pool is not None and pairs >= cfg.dedup.actor_embed_min_pairs:
-        return DedupEmbedder(spec, "actors", lambda: PoolEmbedder(pool, spec))
+    spec = cfg.models.embedder
+    if cfg.backend == "ray" and pairs >= cfg.dedup.actor_embed_min_pairs:
+        return DedupEmbedder(spec, "actors", lambda: PoolEmbedder(models.pool(), spec))
     device = (plan.device_of("embedder") if cfg.backend == "engine" else None) or "cpu"
     return DedupEmbedder(spec, "driver", lambda: SentenceTransformerEmbedder(spec, device=device))
 

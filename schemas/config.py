@@ -233,10 +233,10 @@ class DedupSection(_Section):
                                                     "reply; prompt: a similar prompt alone, whatever it answers")
     actor_embed_min_pairs: int = Field(default=2000, ge=0,
                                        description="with backend ray, a run that mined at least this many pairs "
-                                                   "embeds them for dedup on its Ray actors, in chunks at once; "
-                                                   "fewer pairs, another backend or a run whose stages were all "
-                                                   "cached (no actors started) embed in the driver process, on "
-                                                   "the placement's embedder device")
+                                                   "embeds them for dedup on its Ray actors, in chunks at once "
+                                                   "(a resumed run starts them for it); fewer pairs embed in the "
+                                                   "driver process on CPU. Backend engine embeds in the run's "
+                                                   "process on the placement's embedder device, http on CPU")
 
 
 class SourcesSection(_Section):

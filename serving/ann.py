@@ -113,15 +113,39 @@ class FaissIndex:
 def spherical_kmeans(sample: np.ndarray, lists: int, iterations: int = KMEANS_ITERATIONS, seed: int = 0
                      ) -> np.ndarray:
     """`lists` unit centroids of `sample` (Lloyd's iterations on cosine; seeded, so the same sample gives the
-    same lists). A centroid left without vectors keeps its place. 1M×384: recall 1.000 at 10 iterations."""
-    centroids = sample[np.random.default_rng(seed).choice(len(sample), lists, replace=False)]
-    vectors = torch.tensor(sample)
+    same lists). 1M×384: recall 1.000 at 10 iterations."""
+    sample, rng = _floats(sample), np.random.default_rng(seed)
+    centroids, vectors = _initial_centroids(sample, lists, rng), torch.tensor(sample)
     for _ in range(iterations):
-        nearest = torch.from_numpy(nearest_lists(sample, centroids, 1)[:, 0])
-        sums = torch.zeros(centroids.shape).index_add_(0, nearest, vectors).numpy()
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        centroids = np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids).astype(np.float32)
+        nearest = nearest_lists(sample, centroids, 1)[:, 0]
+        sums = torch.zeros(centroids.shape).index_add_(0, torch.from_numpy(nearest), vectors).numpy()
+        counts = np.bincount(nearest, minlength=lists)
+        centroids = _split_empty(np.where(counts[:, None] > 0, _unit(sums), centroids), counts, rng)
     return centroids
+
+
+def _initial_centroids(sample: np.ndarray, lists: int, rng: np.random.Generator) -> np.ndarray:
+    """`lists` distinct rows of `sample` at random (copies of one vector would start lists that never part),
+    topped up with random unit vectors when fewer rows are distinct (pairs sharing one prompt, `on = prompt`)."""
+    distinct = np.unique(sample, axis=0)
+    picks = distinct[rng.choice(len(distinct), min(lists, len(distinct)), replace=False)]
+    return np.concatenate([picks, _unit(rng.standard_normal((lists - len(picks), sample.shape[1])))])
+
+
+def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each list left empty restarts next to the biggest list's centroid, which the two then share (faiss's
+    k-means splits the same way), so no list stays unused."""
+    for empty in np.flatnonzero(counts == 0):
+        biggest = int(np.argmax(counts))
+        centroids[empty] = _unit(centroids[biggest] + 1e-3 * rng.standard_normal(centroids.shape[1]))
+        counts[biggest] -= counts[biggest] // 2
+        counts[empty] = counts[biggest]
+    return centroids
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows of `x` scaled to unit length, float32 (a zero row stays zero)."""
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def nearest_lists(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray:

@@ -282,6 +282,18 @@ def test_the_coarse_lists_are_the_float32_nearest_up_to_bf16_rounding():
     assert (np.diff(chosen, axis=1) <= 0.02).all() and (chosen[:, 0] == exact.max(axis=1)).mean() > 0.95
 
 
+def test_k_means_uses_every_list_when_many_rows_repeat_one_vector():
+    """Pairs sharing a prompt (`on = prompt`) repeat one key vector: copies must not start twin lists, and a list
+    left empty takes part of the biggest one."""
+    rng = np.random.default_rng(4)
+    repeated = np.repeat(unit(rng.standard_normal((50, 32))), 30, axis=0)
+    sample = np.concatenate([repeated, unit(rng.standard_normal((1500, 32)))])
+    centroids = spherical_kmeans(sample, 100)
+    used = np.bincount(nearest_lists(sample, centroids, 1)[:, 0], minlength=100)
+    assert len(np.unique(centroids, axis=0)) == 100 and (used > 0).all()
+    assert spherical_kmeans(sample[:40], 100).shape == (100, 32)  # more lists than rows: topped up, no error
+
+
 def test_without_native_bf16_the_coarse_lists_are_the_exact_float32_nearest(monkeypatch):
     rng = np.random.default_rng(2)
     x, centroids = unit(rng.standard_normal((3000, 48))), unit(rng.standard_normal((300, 48)))

@@ -106,8 +106,9 @@ def pair_rows() -> pa.Table:
 
 
 def test_a_big_ray_run_dedups_on_its_actors_with_the_drivers_removals(tmp_path, ray_pool):
-    """From `dedup.actor_embed_min_pairs` pairs up, a ray run embeds for dedup on its actors; below it, with no
-    pool opened (every stage cached) or on another backend, on the driver; the removals are the same."""
+    """From `dedup.actor_embed_min_pairs` pairs up, a ray run embeds for dedup on its actors (a resumed run opens
+    its pool for that only when it embeds); below it or on another backend, on the driver; the removals are the
+    same."""
     from prefmill.flows.pipeline import RunModels, dedup_embedder, dedup_pairs
 
     pairs, plan = pair_rows(), Plan((), ())
@@ -118,7 +119,8 @@ def test_a_big_ray_run_dedups_on_its_actors_with_the_drivers_removals(tmp_path, 
         from_actors = dedup_pairs.fn(cfg, catalog, pairs, "r1", on_actors)
         assert dedup_embedder(cfg.model_copy(update={"backend": "engine"}), models, plan, 10**6).where == "driver"
     from_driver = dedup_pairs.fn(cfg, catalog, pairs, "r1", below)
-    assert dedup_embedder(cfg, RunModels(cfg), plan, 10**6).where == "driver"  # no pool was opened: none opens
+    resumed = RunModels(cfg)  # every stage cached: no pool yet; it opens on the first texts, not before
+    assert dedup_embedder(cfg, resumed, plan, 10**6).where == "actors" and resumed.owned is None
 
     assert (on_actors.summary()["on"], below.summary()["on"]) == ("actors", "driver")
     assert on_actors.texts == below.texts == 2 * (pairs.num_rows - 1)  # the exact copy is never embedded
